@@ -1,0 +1,138 @@
+"""A small Python API over tritonclient for the `stable_diffusion` ensemble."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL = "stable_diffusion"
+OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One generated image and how it was made."""
+
+    image: np.ndarray  # (height, width, 3) uint8
+    seed: int
+    latency_s: float
+    prompt_tokens_dropped: int
+    parameters: dict[str, Any]
+
+
+class SDClient:
+    """Send prompts to the `stable_diffusion` ensemble over gRPC (default) or HTTP.
+
+    Parameters left as None are not sent, so the deployment's defaults apply.
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model: str = MODEL, timeout_s: float = 600):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol: {protocol!r} is not one of grpc, http")
+        self.protocol = protocol
+        self.model = model
+        self.timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self._module = module
+        self.url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
+        self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
+        self._clients: list = []
+
+    @property
+    def client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            kwargs = {} if self.protocol == "grpc" else {"connection_timeout": self.timeout_s, "network_timeout": self.timeout_s}
+            client = self._local.client = self._module.InferenceServerClient(self.url, **kwargs)
+            self._clients.append(client)
+        return client
+
+    def build_inputs(self, prompt: str, **parameters: Any) -> list:
+        """The ensemble's inputs for one request; None-valued parameters are left out."""
+        spec = {
+            "PROMPT": (prompt, "BYTES"),
+            "NEGATIVE_PROMPT": (parameters.get("negative_prompt"), "BYTES"),
+            "SEED": (parameters.get("seed"), "INT64"),
+            "STEPS": (parameters.get("steps"), "INT32"),
+            "GUIDANCE_SCALE": (parameters.get("guidance_scale"), "FP32"),
+            "HEIGHT": (parameters.get("height"), "INT32"),
+            "WIDTH": (parameters.get("width"), "INT32"),
+            "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
+        }
+        inputs = []
+        for name, (value, dtype) in spec.items():
+            if value is None:
+                continue
+            if dtype == "BYTES":
+                array = np.array([[value.encode("utf-8") if isinstance(value, str) else value]], dtype=object)
+            else:
+                array = np.array([[value]], dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
+            tensor = self._module.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+    ) -> GenerationResult:
+        """Generate one image; raises tritonclient's InferenceServerException on a server error."""
+        parameters = dict(
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+        )
+        inputs = self.build_inputs(prompt, **parameters)
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        start = time.perf_counter()
+        if self.protocol == "grpc":
+            reply = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        else:
+            reply = self.client.infer(self.model, inputs, outputs=outputs)
+        latency = time.perf_counter() - start
+        seed_used = int(reply.as_numpy("SEED_USED").reshape(-1)[0])
+        dropped = int(reply.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
+        used = {k: v for k, v in parameters.items() if v is not None} | {"seed": seed_used}
+        return GenerationResult(reply.as_numpy("IMAGE")[0], seed_used, latency, dropped, {"prompt": prompt, **used})
+
+    def is_ready(self) -> bool:
+        return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+
+def save_png(result: GenerationResult, path: str | Path) -> Path:
+    """Write the image as PNG with the prompt and parameters in its text chunks."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in result.parameters.items():
+        info.add_text(key, str(value))
+    info.add_text("Software", "sd-triton")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.image).save(path, pnginfo=info)
+    return path

@@ -1,0 +1,286 @@
+"""Flash attention, forward only, non-causal, for the SD UNet self- and cross-attention.
+
+For one (batch, head) and a block of query rows, with s = scale * q k^T:
+
+    out = softmax(s) v
+
+computed one block of keys at a time with the online softmax (Dao et al. 2022), in base 2
+so that exp2 maps to one instruction (log2(e) is folded into the scale):
+
+    m_new = max(m, rowmax(s * log2e))
+    p     = exp2(s * log2e - m_new)
+    l     = l * exp2(m - m_new) + rowsum(p)
+    acc   = acc * exp2(m - m_new) + p v
+    out   = acc / l
+
+m, l and acc are fp32. head_dim is padded to the next power of two (40 -> 64, 80 -> 128,
+160 -> 256) with masked loads; the key tail (kv_len 77 for the CLIP context) is masked to
+-inf before the row max. Shapes: q (batch, heads, q_len, head_dim), k and v
+(batch, heads, kv_len, head_dim), any strides (diffusers hands over transposed views).
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# @triton.jit reads TRITON_INTERPRET when the module is imported; the configs follow it.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+def _configs():
+    if _INTERPRET:
+        # Small blocks so that CPU tests cover several query blocks and the key tail.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": BM, "BLOCK_N": BN}, num_warps=w, num_stages=s)
+        for BM, BN, w, s in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 32, 8, 2),
+            (64, 64, 4, 3),
+            (64, 128, 4, 2),
+            (64, 32, 4, 2),
+            # for head_dim 160 (BLOCK_D 256), whose accumulator needs 8 warps at BLOCK_M 64
+            (64, 64, 8, 2),
+            (64, 32, 8, 2),
+        ]
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop blocks larger than the sequence, tiles that overflow shared memory or spill registers."""
+    args = {**named_args, **kwargs}
+    q_len, kv_len, block_d = args["q_len"], args["kv_len"], args["BLOCK_D"]
+    elem_bytes = args["Q"].element_size()
+    kept = []
+    for cfg in configs:
+        bm, bn, warps = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
+        if bm > max(64, triton.next_power_of_2(q_len)) or bn > max(32, triton.next_power_of_2(kv_len)):
+            continue
+        if bm == 64 and warps == 8 and block_d < 256:
+            continue
+        # q tile + K and V tiles per pipeline stage; H100 has 227 KiB a block
+        if elem_bytes * block_d * (bm + 2 * bn * cfg.num_stages) > 200 * 1024:
+            continue
+        # fp32 registers a thread holds for acc and the score tile; past ~96 ptxas spills (checked for sm_90)
+        if (bm * block_d + bm * bn) / (32 * warps) > 96:
+            continue
+        kept.append(cfg)
+    # the smallest tile always fits
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / c.num_warps)]
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i,  # running output (BLOCK_M, BLOCK_D), row sums and row maxima (BLOCK_M,), fp32
+    q,  # query tile (BLOCK_M, BLOCK_D)
+    K, V,  # key and value base pointers for this (batch, head)
+    stride_kn, stride_kd,  # key strides along kv_len and head_dim
+    stride_vn, stride_vd,  # value strides along kv_len and head_dim
+    start_n, end_n, kv_len,  # key range [start_n, end_n) walked in BLOCK_N steps
+    qk_scale,  # softmax scale * log2(e)
+    offs_d, mask_d,  # head_dim offsets and their mask, (BLOCK_D,)
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,  # True only for the last, partial key block
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start in range(start_n, end_n, BLOCK_N):
+        offs_n = start + offs_n0
+        if MASK_N:
+            kv_mask = (offs_n < kv_len)[:, None] & mask_d[None, :]
+        else:
+            kv_mask = mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASK_N:
+            s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["q_len", "kv_len", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out,  # q (batch, heads, q_len, head_dim); k, v (batch, heads, kv_len, head_dim); out like q
+    # strides: batch, head and sequence ones in units of ALIGN elements, head_dim's in elements
+    stride_qb, stride_qh, stride_qm, stride_qd,  # q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v
+    stride_ob, stride_oh, stride_om, stride_od,  # out
+    heads, q_len, kv_len,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so that they match torch; ignored for fp16/bf16
+    ALIGN: tl.constexpr,  # 16 bytes in elements when every stride but head_dim's divides by it, else 1
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Triton infers alignment only from integer arguments divisible by 16; head_dim 40 makes
+    # strides of 40 elements, and without this every K/V load is scalar and unpipelined.
+    # Multiplying by the constexpr ALIGN tells the compiler that rows start 16-byte aligned.
+    stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
+    stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
+    stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
+    stride_ob, stride_oh, stride_om = stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN
+
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # int64: batch * heads * seq * head_dim overflows int32 for large batches
+    off_b = (pid_bh // heads).to(tl.int64)
+    off_h = (pid_bh % heads).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Out += off_b * stride_ob + off_h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # full key blocks without the tail mask, then at most one masked block
+    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, n_full, kv_len, qk_scale, offs_d, mask_d,
+        BLOCK_N, False, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        n_full, kv_len, kv_len, qk_scale, offs_d, mask_d,
+        BLOCK_N, True, DOT_PRECISION,
+    )
+
+    out = acc / l_i[:, None]
+    tl.store(
+        Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+def _check_device(name, t):
+    if t.is_cuda or (_INTERPRET and t.device.type == "cpu"):
+        return
+    raise ValueError(
+        f"flash_attention: {name}.device is {t.device}; allowed: a CUDA device "
+        f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
+    )
+
+
+def flash_attention(q, k, v, scale=None):
+    """softmax(scale * q k^T) v, non-causal, no mask.
+
+    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); any strides.
+    dtype float16, bfloat16 or float32 (all three the same); head_dim 1..256.
+    scale defaults to 1 / sqrt(head_dim), as in F.scaled_dot_product_attention.
+    Returns a contiguous (batch, heads, q_len, head_dim) tensor of q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"flash_attention: {name}.shape is {tuple(t.shape)}; allowed: 4 dims (batch, heads, seq_len, head_dim)"
+            )
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"flash_attention: {name}.dtype is {t.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+        _check_device(name, t)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention: dtypes differ (q {q.dtype}, k {k.dtype}, v {v.dtype}); allowed: all the same")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"flash_attention: devices differ (q {q.device}, k {k.device}, v {v.device}); allowed: one device")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(
+            f"flash_attention: k.shape {tuple(k.shape)} and v.shape {tuple(v.shape)} must both be "
+            f"(batch={batch}, heads={heads}, kv_len, head_dim={head_dim}) to match q.shape {tuple(q.shape)}"
+        )
+    if not 1 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head_dim is {head_dim}; allowed: 1 to {_MAX_HEAD_DIM}")
+    kv_len = k.shape[2]
+    if kv_len == 0:
+        raise ValueError("flash_attention: kv_len is 0; allowed: at least one key (softmax over nothing is undefined)")
+    if batch * heads > 65535:
+        raise ValueError(f"flash_attention: batch * heads is {batch * heads}; allowed: at most 65535 (grid limit)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # offsets inside one (batch, head) slice are int32 in the kernel
+        if (t.shape[2] - 1) * abs(t.stride(2)) + (head_dim - 1) * abs(t.stride(3)) >= 2**31:
+            raise ValueError(
+                f"flash_attention: {name} with shape {tuple(t.shape)} and strides {t.stride()} spans 2**31 "
+                f"elements or more within one (batch, head); allowed: less"
+            )
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    # tl.dot needs K >= 16
+    block_d = max(16, triton.next_power_of_2(head_dim))
+
+    # ALIGN: 16 bytes in elements, when every row and (batch, head) slice starts 16-byte aligned
+    align = 16 // q.element_size()
+    if not all(
+        t.data_ptr() % 16 == 0
+        and t.stride(3) == 1
+        and all(st % align == 0 for st, size in zip(t.stride()[:3], t.shape[:3]) if size > 1)
+        for t in (q, k, v, out)
+    ):
+        align = 1
+
+    def strides(t):
+        # size-1 dims may carry any stride; they are only ever multiplied by 0
+        return [st // align if size > 1 else 0 for st, size in zip(t.stride()[:3], t.shape[:3])] + [t.stride(3)]
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out,
+        *strides(q), *strides(k), *strides(v), *strides(out),
+        heads, q_len, kv_len,
+        float(scale) * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ALIGN=align,
+    )
+    return out
+
+
+def flash_attention_reference(q, k, v, scale=None):
+    """softmax(scale * q k^T) v in fp32 torch math; returns fp32."""
+    q, k, v = q.float(), k.float(), v.float()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (batch, heads, q_len, kv_len)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)

@@ -1,0 +1,254 @@
+"""Group normalization with an optional fused SiLU, for the SD UNet and VAE ResNet blocks.
+
+x is viewed as (N, C, S) with S = H * W (or L); the C channels split into G groups of
+C / G. For sample n and group g, over its (C / G) * S elements:
+
+    mean = sum(x) / count
+    var  = sum((x - mean)^2) / count           (two passes, fp32; never E[x^2] - E[x]^2)
+    y    = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]
+    y    = y * sigmoid(y)                      (activation="silu")
+
+Small groups (a (C/G, S) tile of at most 8192 elements) take one program each and one
+launch. Large groups (SD's 320 x 64 x 64 has 40960 elements a group but only N * 32
+groups) are split into chunks of S so that the GPU fills: a stats kernel writes each
+chunk's mean and sum of squared deviations M2_i, and the normalize kernel merges them
+with Chan's parallel formula, M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), which is as
+stable as two passes.
+
+Strides are passed through, so contiguous NCHW and channels_last (and the transposed
+(N, C, L) view of diffusers' VAE attention) are read in place; the output has x's layout.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ACTIVATIONS = (None, "silu")
+_MAX_SINGLE_TILE = 8192  # elements of a (C/G, S) tile that one program normalizes alone
+_CHUNK_TILE = 4096  # elements of a (C/G, chunk of S) tile in the split path
+_MAX_GROUP_CHANNELS = 4096
+_MAX_PARTIALS_BLOCK = 1024
+
+
+@triton.jit
+def _load_group_tile(
+    X,  # input base pointer
+    stride_xn, stride_xc, stride_xs,  # input strides over (N, C, S), in elements
+    n, g, chunk,  # sample, group and chunk of S of this tile
+    group_channels, S,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (offs_c < group_channels)[:, None] & (offs_s < S)[None, :]
+    # int64 sample offset; offsets inside one sample fit int32 (checked by the launcher)
+    base = X + n.to(tl.int64) * stride_xn + (g * group_channels).to(tl.int64) * stride_xc
+    x = tl.load(base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs, mask=mask, other=0.0)
+    return x.to(tl.float32), offs_c, offs_s, mask
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    X,  # input (N, C, S), any strides
+    MEAN,  # out: fp32 (N * G, num_chunks), mean of each chunk
+    M2,  # out: fp32 (N * G, num_chunks), sum of squared deviations from the chunk mean
+    stride_xn, stride_xc, stride_xs,  # input strides, in elements
+    num_groups, group_channels, S, num_chunks,
+    BLOCK_C: tl.constexpr,  # next power of two >= C / G
+    BLOCK_S: tl.constexpr,  # chunk length along S
+):
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = pid_ng // num_groups
+    g = pid_ng % num_groups
+    x, offs_c, offs_s, mask = _load_group_tile(
+        X, stride_xn, stride_xc, stride_xs, n, g, chunk, group_channels, S, BLOCK_C, BLOCK_S
+    )
+    count = (group_channels * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    d = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+    tl.store(MEAN + pid_ng * num_chunks + chunk, mean)
+    tl.store(M2 + pid_ng * num_chunks + chunk, m2)
+
+
+@triton.jit
+def _group_norm_fwd_kernel(
+    X,  # input (N, C, S), any strides
+    Y,  # output (N, C, S), any strides
+    W,  # weight (C,), or a dummy when HAS_WEIGHT is False
+    B,  # bias (C,), or a dummy when HAS_BIAS is False
+    MEAN, M2,  # per-chunk statistics from the stats kernel; unused when SINGLE_CHUNK
+    stride_xn, stride_xc, stride_xs,  # input strides, in elements
+    stride_yn, stride_yc, stride_ys,  # output strides, in elements
+    num_groups, group_channels, S, num_chunks,
+    inv_count,  # 1 / ((C / G) * S)
+    eps,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partials merged per step
+    SINGLE_CHUNK: tl.constexpr,  # the whole group is this program's tile
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    pid_ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = pid_ng // num_groups
+    g = pid_ng % num_groups
+    x, offs_c, offs_s, mask = _load_group_tile(
+        X, stride_xn, stride_xc, stride_xs, n, g, chunk, group_channels, S, BLOCK_C, BLOCK_S
+    )
+    if SINGLE_CHUNK:
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) * inv_count
+        d = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(tl.sum(d * d, axis=1), axis=0) * inv_count
+    else:
+        # Chan et al.: merge the chunks' (count, mean, M2) into the group's
+        offs_p0 = tl.arange(0, BLOCK_P)
+        row = pid_ng * num_chunks
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, num_chunks, BLOCK_P):
+            offs_p = p0 + offs_p0
+            mask_p = offs_p < num_chunks
+            cnt = tl.where(mask_p, group_channels * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
+            acc += cnt * tl.load(MEAN + row + offs_p, mask=mask_p, other=0.0)
+        mean = tl.sum(acc, axis=0) * inv_count
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, num_chunks, BLOCK_P):
+            offs_p = p0 + offs_p0
+            mask_p = offs_p < num_chunks
+            cnt = tl.where(mask_p, group_channels * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
+            mu = tl.load(MEAN + row + offs_p, mask=mask_p, other=0.0)
+            acc += tl.load(M2 + row + offs_p, mask=mask_p, other=0.0) + cnt * (mu - mean) * (mu - mean)
+        var = tl.sum(acc, axis=0) * inv_count
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    y = (x - mean) * rstd
+    mask_c = offs_c < group_channels
+    if HAS_WEIGHT:
+        w = tl.load(W + g * group_channels + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        y = y * w[:, None]
+    if HAS_BIAS:
+        b = tl.load(B + g * group_channels + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        y = y + b[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    base = Y + n.to(tl.int64) * stride_yn + (g * group_channels).to(tl.int64) * stride_yc
+    tl.store(base + offs_c[:, None] * stride_yc + offs_s[None, :] * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _check_device(name, t, device):
+    if not (t.is_cuda or (_INTERPRET and t.device.type == "cpu")):
+        raise ValueError(
+            f"group_norm: {name}.device is {t.device}; allowed: a CUDA device "
+            f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
+        )
+    if t.device != device:
+        raise ValueError(f"group_norm: {name}.device is {t.device}; allowed: x's device {device}")
+
+
+def _as_ncs(x):
+    """(N, C, *spatial) -> an (N, C, S) view when the spatial dims merge (NCHW, channels_last), else a copy."""
+    n, c = x.shape[:2]
+    try:
+        return x.view(n, c, -1)
+    except RuntimeError:
+        return x.contiguous().view(n, c, -1)
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
+    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU when activation == "silu".
+
+    x: (N, C, *spatial), e.g. (N, C, H, W) contiguous or channels_last, or (N, C, L);
+    float16, bfloat16 or float32. weight, bias: (C,) or None. Statistics in fp32.
+    Returns a tensor of x's shape, dtype and memory format.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm: x.shape is {tuple(x.shape)}; allowed: (N, C, *spatial) with at least 2 dims")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"group_norm: x.dtype is {x.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+    _check_device("x", x, x.device)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"group_norm: activation is {activation!r}; allowed: None or 'silu'")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
+        raise ValueError(
+            f"group_norm: num_groups is {num_groups!r}; allowed: a positive int dividing the {C} channels of x"
+        )
+    group_channels = C // num_groups
+    if group_channels > _MAX_GROUP_CHANNELS:
+        raise ValueError(
+            f"group_norm: channels per group C / num_groups is {group_channels}; allowed: at most {_MAX_GROUP_CHANNELS}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (C,):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"group_norm: {name} is {shape}; allowed: None or a tensor of shape ({C},)")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"group_norm: {name}.dtype is {t.dtype}; allowed: a floating dtype")
+        _check_device(name, t, x.device)
+
+    x3 = _as_ncs(x)  # (N, C, S)
+    N, _, S = x3.shape
+    if C * S >= 2**31:
+        raise ValueError(f"group_norm: C * spatial size is {C * S}; allowed: below 2**31 elements per sample")
+    y3 = torch.empty_like(x3)  # keeps x3's strides, so channels_last stays channels_last
+    if y3.numel() == 0:
+        return y3.view(x.shape)
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+
+    block_c = triton.next_power_of_2(group_channels)
+    single = block_c * triton.next_power_of_2(S) <= _MAX_SINGLE_TILE
+    block_s = triton.next_power_of_2(S) if single else max(1, _CHUNK_TILE // block_c)
+    num_chunks = triton.cdiv(S, block_s)
+    num_warps = 4 if block_c * block_s <= 2048 else 8
+    grid = (N * num_groups, num_chunks)
+    if single:
+        mean = m2 = x3  # unused
+    else:
+        mean = torch.empty((N * num_groups, num_chunks), dtype=torch.float32, device=x.device)
+        m2 = torch.empty_like(mean)
+        _group_norm_stats_kernel[grid](
+            x3, mean, m2,
+            *x3.stride(),
+            num_groups, group_channels, S, num_chunks,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+        )
+    _group_norm_fwd_kernel[grid](
+        x3, y3,
+        weight if weight is not None else x3,
+        bias if bias is not None else x3,
+        mean, m2,
+        *x3.stride(), *y3.stride(),
+        num_groups, group_channels, S, num_chunks,
+        1.0 / (group_channels * S), float(eps),
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        BLOCK_P=min(triton.next_power_of_2(num_chunks), _MAX_PARTIALS_BLOCK),
+        SINGLE_CHUNK=single,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        SILU=activation == "silu",
+        num_warps=num_warps,
+    )
+    return y3.view(x.shape)
+
+
+def group_norm_reference(x, num_groups, weight, bias, eps=1e-5, activation=None):
+    """F.group_norm (+ F.silu) in fp32; returns fp32."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    y = torch.nn.functional.group_norm(x.float(), num_groups, w, b, eps)
+    return torch.nn.functional.silu(y) if activation == "silu" else y

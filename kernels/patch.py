@@ -1,0 +1,319 @@
+"""Swap the Triton kernels into a diffusers model (UNet2DConditionModel, AutoencoderKL), in place.
+
+    patch_model(unet)              # attention, group_norm (+ fused SiLU), layer_norm, geglu
+    patch_model(vae, ops=("attention", "group_norm"))
+
+Patched modules keep their parameters, buffers, state_dict keys and hooks: norms and
+GEGLU get a subclass of their own class (an in-place class swap), attention modules get
+a new processor. Each patched forward runs the Triton kernel only when it can (CUDA
+input, a supported dtype, no autograd needed) and the torch op it replaces otherwise, so
+on CPU a patched model computes exactly what the unpatched one does.
+
+Triton is imported on first use of a kernel, not here: without it this module imports
+and CPU models work.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+
+OPS = ("attention", "group_norm", "layer_norm", "geglu")
+
+_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256  # kernels.flash_attention pads head_dim to a power of two up to 256
+_MAX_GROUP_CHANNELS = 4096  # kernels.group_norm keeps a group's channels in one tile
+_MAX_LAYER_NORM_DIM = 8192  # kernels.layer_norm keeps a row in registers
+
+
+def _is_kernel_device(t):
+    """Whether the Triton kernels can take this tensor (tests swap this to run them on CPU)."""
+    return t.is_cuda
+
+
+def _no_autograd(*tensors):
+    # the kernels are forward only: keep torch's ops wherever a gradient would be recorded
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+class TritonAttnProcessor:
+    """diffusers' AttnProcessor2_0 with kernels.flash_attention for the unmasked fp16/bf16 CUDA case.
+
+    min_kv_len: use the kernel only when the key length is at least this (e.g. 78 keeps the
+    77-token cross-attention on torch's SDPA, if the benchmark says it is faster there).
+    """
+
+    def __init__(self, min_kv_len=0):
+        self.min_kv_len = min_kv_len
+
+    def _use_kernel(self, query, key, value, attention_mask):
+        return (
+            attention_mask is None
+            and _is_kernel_device(query)
+            and query.dtype in _ATTN_DTYPES
+            and query.shape[-1] <= _MAX_HEAD_DIM
+            and key.shape[-2] >= self.min_kv_len
+            and _no_autograd(query, key, value)
+        )
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        # Same steps as AttnProcessor2_0 (diffusers 0.42), attention call aside.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            # (batch, heads, q_len, kv_len), as scaled_dot_product_attention expects
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        # (batch, heads, seq, head_dim) views of (batch, seq, heads * head_dim)
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # Default scale 1/sqrt(head_dim) in both paths, as AttnProcessor2_0 (it ignores attn.scale).
+        if self._use_kernel(query, key, value, attention_mask):
+            from kernels import flash_attention
+
+            hidden_states = flash_attention(query, key, value)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear proj
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+class TritonGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose forward runs kernels.group_norm on CUDA; activation="silu" fuses F.silu."""
+
+    def forward(self, input, activation=None):
+        if (
+            _is_kernel_device(input)
+            and input.dtype in _NORM_DTYPES
+            and self.num_channels // self.num_groups <= _MAX_GROUP_CHANNELS
+            and _no_autograd(input, self.weight, self.bias)
+        ):
+            from kernels import group_norm
+
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=activation)
+        out = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(out) if activation == "silu" else out
+
+
+class TritonLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose forward runs kernels.layer_norm on CUDA for a last-dim normalized_shape."""
+
+    def forward(self, input):
+        if (
+            len(self.normalized_shape) == 1
+            and _is_kernel_device(input)
+            and input.dtype in _NORM_DTYPES
+            and input.shape[-1] <= _MAX_LAYER_NORM_DIM
+            and _no_autograd(input, self.weight, self.bias)
+        ):
+            from kernels import layer_norm
+
+            return layer_norm(input, self.weight, self.bias, self.eps)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class TritonGEGLU(GEGLU):
+    """diffusers' GEGLU: the projection on torch, then kernels.geglu on CUDA."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        hidden_states = self.proj(hidden_states)  # (..., 2F)
+        if _is_kernel_device(hidden_states) and hidden_states.dtype in _NORM_DTYPES and _no_autograd(hidden_states):
+            from kernels import geglu
+
+            return geglu(hidden_states)
+        hidden_states, gate = hidden_states.chunk(2, dim=-1)
+        return hidden_states * self.gelu(gate)
+
+
+class TritonResnetBlock2D(ResnetBlock2D):
+    """ResnetBlock2D (diffusers 0.42) with norm1 -> SiLU, and norm2 -> SiLU when nothing sits between, as one op.
+
+    Set by patch_norms only on blocks whose nonlinearity is nn.SiLU and whose norms are
+    TritonGroupNorm.
+    """
+
+    def forward(self, input_tensor, temb, *args, **kwargs):
+        hidden_states = self.norm1(input_tensor, activation="silu")
+
+        if self.upsample is not None:
+            # upsample_nearest_nhwc fails with large batch sizes (diffusers issue 984)
+            if hidden_states.shape[0] >= 64:
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self.upsample(input_tensor)
+            hidden_states = self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+            hidden_states = self.downsample(hidden_states)
+
+        hidden_states = self.conv1(hidden_states)
+
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+
+        if self.time_embedding_norm == "default":
+            if temb is not None:
+                hidden_states = hidden_states + temb
+            hidden_states = self.norm2(hidden_states, activation="silu")
+        elif self.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError(
+                    f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}"
+                )
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+            hidden_states = self.norm2(hidden_states)
+            hidden_states = hidden_states * (1 + time_scale) + time_shift
+            hidden_states = self.nonlinearity(hidden_states)
+        else:
+            hidden_states = self.norm2(hidden_states, activation="silu")
+
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
+
+        if self.conv_shortcut is not None:
+            if self.training:
+                input_tensor = input_tensor.contiguous()
+            input_tensor = self.conv_shortcut(input_tensor)
+
+        return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def patch_attention(module, min_kv_len=0):
+    """Give every diffusers Attention under module (itself included) a TritonAttnProcessor.
+
+    Only the default processors (AttnProcessor2_0, AttnProcessor) are replaced: custom ones
+    (IP-Adapter, LoRA, ...) are left alone. Returns how many were replaced.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, Attention) and type(m.processor) in (AttnProcessor2_0, AttnProcessor, TritonAttnProcessor):
+            m.set_processor(TritonAttnProcessor(min_kv_len=min_kv_len))
+            count += 1
+    return count
+
+
+def _swap_class(module, base, patched):
+    # exact type only: a subclass of base may have its own forward
+    if type(module) is base:
+        module.__class__ = patched
+        return True
+    return False
+
+
+def patch_norms(module, group_norm=True, layer_norm=True):
+    """Swap nn.GroupNorm -> TritonGroupNorm and nn.LayerNorm -> TritonLayerNorm, in place.
+
+    With group_norm, ResnetBlock2D blocks whose norms became TritonGroupNorm and whose
+    nonlinearity is SiLU become TritonResnetBlock2D (norm + SiLU in one kernel).
+    Returns counts: {"group_norm": n, "resnet_silu_fused": n, "layer_norm": n}.
+    """
+    counts = {"group_norm": 0, "resnet_silu_fused": 0, "layer_norm": 0}
+    for m in module.modules():
+        if group_norm and _swap_class(m, nn.GroupNorm, TritonGroupNorm):
+            counts["group_norm"] += 1
+        elif layer_norm and _swap_class(m, nn.LayerNorm, TritonLayerNorm):
+            counts["layer_norm"] += 1
+    if group_norm:
+        for m in module.modules():
+            if (
+                type(m) is ResnetBlock2D
+                and isinstance(m.nonlinearity, nn.SiLU)
+                and isinstance(m.norm1, TritonGroupNorm)
+                and isinstance(m.norm2, TritonGroupNorm)
+            ):
+                m.__class__ = TritonResnetBlock2D
+                counts["resnet_silu_fused"] += 1
+    return counts
+
+
+def patch_geglu(module):
+    """Swap diffusers GEGLU -> TritonGEGLU, in place. Returns how many."""
+    return sum(_swap_class(m, GEGLU, TritonGEGLU) for m in list(module.modules()))
+
+
+def patch_model(module, ops=OPS, min_kv_len=0):
+    """Patch the selected ops ("attention", "group_norm", "layer_norm", "geglu") into module, in place.
+
+    Returns the counts replaced, e.g. {"attention": 32, "group_norm": 61,
+    "resnet_silu_fused": 22, "layer_norm": 48, "geglu": 16} for the SD 1.5 UNet.
+    """
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"patch_model: ops contains {unknown}; allowed: {', '.join(OPS)}")
+    counts = {}
+    if "attention" in ops:
+        counts["attention"] = patch_attention(module, min_kv_len=min_kv_len)
+    if "group_norm" in ops or "layer_norm" in ops:
+        norm_counts = patch_norms(module, group_norm="group_norm" in ops, layer_norm="layer_norm" in ops)
+        if "group_norm" in ops:
+            counts["group_norm"] = norm_counts["group_norm"]
+            counts["resnet_silu_fused"] = norm_counts["resnet_silu_fused"]
+        if "layer_norm" in ops:
+            counts["layer_norm"] = norm_counts["layer_norm"]
+    if "geglu" in ops:
+        counts["geglu"] = patch_geglu(module)
+    return counts

@@ -1,0 +1,41 @@
+"""Triton adapter for the CLIP text encoder (the math lives in sd_backend.stages)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import sd_backend  # noqa: F401
+except ImportError:  # served from a checkout that was not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from sd_backend import triton_io as io
+from sd_backend.config import DeploymentConfig
+from sd_backend.stages import TextEncoderStage
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = DeploymentConfig.from_triton_args(args)
+        self.stage = TextEncoderStage.from_config(config, io.instance_device(args))
+
+    def execute(self, requests):
+        def parse(request):
+            prompt = io.read_text(pb_utils, request, "PROMPT", required=True)
+            negative = io.read_text(pb_utils, request, "NEGATIVE_PROMPT") or ""
+            return prompt, negative
+
+        def run(items):
+            return self.stage([p for p, _ in items], [n for _, n in items])
+
+        def reply(_, encoded):
+            return pb_utils.InferenceResponse(
+                [
+                    io.from_torch(pb_utils, "PROMPT_EMBEDS", encoded.prompt_embeds.float()[None]),
+                    io.from_torch(pb_utils, "NEGATIVE_EMBEDS", encoded.negative_embeds.float()[None]),
+                    pb_utils.Tensor("PROMPT_TOKENS_DROPPED", np.array([[encoded.dropped_tokens]], np.int32)),
+                ]
+            )
+
+        return io.respond(pb_utils, requests, parse, run, reply)

@@ -1,0 +1,42 @@
+"""Triton adapter for the denoising loop (the math lives in sd_backend.stages)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import sd_backend  # noqa: F401
+except ImportError:  # served from a checkout that was not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from sd_backend import triton_io as io
+from sd_backend.config import DeploymentConfig
+from sd_backend.stages import DenoiseJob, UNetStage
+
+_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = DeploymentConfig.from_triton_args(args)
+        self.stage = UNetStage.from_config(config, io.instance_device(args))
+
+    def execute(self, requests):
+        def parse(request):
+            raw = {arg: io.read_scalar(pb_utils, request, name) for name, arg in _NUMBERS.items()}
+            raw["scheduler"] = io.read_text(pb_utils, request, "SCHEDULER")
+            params = self.stage.check(**raw)
+            embeds = io.to_torch(pb_utils.get_input_tensor_by_name(request, "PROMPT_EMBEDS"))[0]
+            negative = io.to_torch(pb_utils.get_input_tensor_by_name(request, "NEGATIVE_EMBEDS"))[0]
+            return DenoiseJob(params, embeds, negative)
+
+        def reply(job, latents):
+            return pb_utils.InferenceResponse(
+                [
+                    io.from_torch(pb_utils, "LATENTS", latents.float()),
+                    pb_utils.Tensor("SEED_USED", np.array([[job.params.seed]], np.int64)),
+                ]
+            )
+
+        return io.respond(pb_utils, requests, parse, self.stage, reply)

@@ -1,0 +1,107 @@
+"""`sd-triton`: serve the model repository, or write an offline model.
+
+    sd-triton serve [--model tiny] [--host 127.0.0.1] [--grpc-port 8001] ...
+    sd-triton write-model tiny ./models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import OPT_LEVELS
+from .launcher import DEFAULT_MODEL_REPOSITORY, ServerOptions, TritonServer
+from .offline import OFFLINE_MODELS, write_offline_model
+
+
+def _serve(args: argparse.Namespace) -> int:
+    env = {}
+    for name in ("model", "device", "dtype", "opt_level", "cache_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            env[f"SD_{name.upper()}"] = str(value)
+    options = ServerOptions(
+        model_repository=Path(args.model_repository).resolve(),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        env=env,
+        log_verbose=args.log_verbose,
+        extra_args=args.tritonserver_args,
+    )
+    server = TritonServer(options)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"sd-triton: starting tritonserver on {options.model_repository}", flush=True)
+    try:
+        while not server.is_ready():
+            if stop.wait(0.5):
+                return _shutdown(server)
+            if server.process.poll() is not None:
+                print(f"sd-triton: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+                return 1
+        print(
+            f"sd-triton: ready\n  gRPC     {server.grpc_url}\n  HTTP     http://{server.http_url}\n"
+            f"  metrics  {server.metrics_url}\n  try: sd-client \"a photo of a cat\" -o cat.png --url {server.grpc_url}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                print(f"sd-triton: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+                return 1
+        return _shutdown(server)
+    finally:
+        server.stop()
+
+
+def _shutdown(server: TritonServer) -> int:
+    print("sd-triton: shutting down (in-flight requests finish first)", flush=True)
+    code = server.stop()
+    return 0 if code in (0, None, -signal.SIGINT) else code
+
+
+def _write_model(args: argparse.Namespace) -> int:
+    path = write_offline_model(args.name, args.directory)
+    print(f"sd-triton: wrote {args.name} to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd-triton", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start tritonserver on the model repository")
+    serve.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    serve.add_argument("--model", help="tiny, sd15-random, a diffusers directory or a hub id (default: config.pbtxt)")
+    serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument("--dtype", help="auto, float32, float16, bfloat16")
+    serve.add_argument("--opt-level", choices=OPT_LEVELS)
+    serve.add_argument("--cache-dir", help="where offline models are written")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("tritonserver_args", nargs="*", help="after --: passed to tritonserver as they are")
+    serve.set_defaults(func=_serve)
+
+    write = sub.add_parser("write-model", help="write an offline model in diffusers layout")
+    write.add_argument("name", choices=OFFLINE_MODELS)
+    write.add_argument("directory")
+    write.set_defaults(func=_write_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

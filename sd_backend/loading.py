@@ -1,0 +1,91 @@
+"""Find and load the model components a deployment config names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import DeploymentConfig
+from .offline import OFFLINE_MODELS, write_offline_model
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def resolve_model(config: DeploymentConfig) -> str:
+    """Directory or hub id to load from; offline models are written on first use."""
+    if config.model in OFFLINE_MODELS:
+        return str(write_offline_model(config.model, Path(config.cache_dir) / config.model))
+    if Path(config.model).expanduser().is_dir():
+        return str(Path(config.model).expanduser())
+    if "/" not in config.model:
+        raise ValueError(
+            f"model: {config.model!r} is neither an offline model ({', '.join(OFFLINE_MODELS)}), "
+            "a directory, nor a hub id of the form owner/name"
+        )
+    return config.model
+
+
+def resolve_device(config: DeploymentConfig, instance_device: str | None = None):
+    """The torch device: the Triton instance's GPU if it has one and config allows."""
+    import torch
+
+    if config.device != "auto":
+        return torch.device(config.device)
+    if instance_device is not None:
+        return torch.device(instance_device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(config: DeploymentConfig, device) -> Any:
+    import torch
+
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, _DTYPES[config.dtype])
+
+
+def _hub_kwargs() -> dict[str, Any]:
+    token = os.environ.get("HF_TOKEN")
+    return {"token": token} if token else {}
+
+
+def load_tokenizer(source: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **_hub_kwargs())
+
+
+def load_text_encoder(source: str, device, dtype):
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **_hub_kwargs())
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_unet(source: str, device, dtype):
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **_hub_kwargs())
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(source: str, device, dtype):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **_hub_kwargs())
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler_config(source: str) -> dict[str, Any]:
+    from diffusers import PNDMScheduler
+
+    return dict(PNDMScheduler.load_config(source, subfolder="scheduler", **_hub_kwargs()))
+
+
+def vae_scale_factor(source: str) -> int:
+    """2^(number of VAE blocks - 1): pixels per latent along each side."""
+    from diffusers import AutoencoderKL
+
+    vae_config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -1,0 +1,219 @@
+"""Models that need no download, written in diffusers layout.
+
+- `tiny`: a deterministic, tiny, randomly initialised Stable Diffusion (UNet, VAE,
+  CLIP text model and a working CLIP BPE tokenizer with a small vocabulary), for
+  tests and demos on the CPU.
+- `sd15-random`: the full SD 1.5 architecture (860M UNet, 123M CLIP, 84M VAE) with
+  random weights, for GPU speed work where no checkpoint is at hand.
+
+Both are written so that `diffusers.StableDiffusionPipeline.from_pretrained(dir)`
+loads the very same weights the Triton models load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+OFFLINE_MODELS = ("tiny", "sd15-random")
+
+# SD 1.x noise schedule and PNDM settings (the scheduler config SD 1.5 ships).
+_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+# Words whose BPE merges the tiny tokenizer knows, so common prompts become a few tokens.
+_TINY_WORDS = (
+    "a photo of an astronaut riding horse on the moon cat dog painting portrait "
+    "city street at night landscape mountain river forest oil canvas detailed"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable unicode character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A small but complete CLIP BPE vocabulary: every byte, with and without `</w>`,
+    the merges that spell `_TINY_WORDS`, and the two special tokens."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in _TINY_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = f"{parts[0]} {parts[1]}"
+            merged = parts[0] + parts[1]
+            if pair not in merges:
+                merges.append(pair)
+                vocab_list.append(merged)
+            parts = [merged] + parts[2:]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for token in vocab_list:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def _write_tokenizer(directory: Path) -> int:
+    """Write a CLIP tokenizer to `directory`; returns its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _tiny_vocab_and_merges()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=77
+    )
+    tokenizer.save_pretrained(str(directory))
+    return len(vocab)
+
+
+def _build_tiny(vocab_size: int, eos_id: int, bos_id: int):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def _build_sd15(eos_id: int, bos_id: int):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
+    """Write offline model `name` to `directory` (diffusers layout) and return it.
+
+    Written to a temporary sibling and renamed into place, so several Triton models
+    loading at once never see a half-written directory.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"model: {name!r} is not an offline model; choose one of {', '.join(OFFLINE_MODELS)}")
+    target = Path(directory)
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        vocab_size = _write_tokenizer(staging / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(str(staging / "tokenizer"))
+        ids = (tokenizer.eos_token_id, tokenizer.bos_token_id)
+        unet, vae, text_encoder = _build_tiny(vocab_size, *ids) if name == "tiny" else _build_sd15(*ids)
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(**_SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        if name == "sd15-random":
+            pipeline.to(dtype=__import__("torch").float16)  # halves the 4 GB of fp32 weights on disk
+        pipeline.save_pretrained(str(staging), safe_serialization=True)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished first: its copy is identical (same seeds).
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,98 @@
+"""Check one request's generation parameters against a deployment's limits.
+
+Every error a user can cause is a `ValueError` whose message names the field, the
+value and what is allowed; `model.py` turns it into an `INVALID_ARG` response.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from typing import Any
+
+from .config import SCHEDULER_NAMES, DeploymentConfig
+
+MAX_SEED = 2**63 - 1
+RANDOM_SEED = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """Checked parameters of one image."""
+
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    scheduler: str
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs only above 1, as in diffusers' pipeline."""
+        return self.guidance > 1.0
+
+    def group_key(self) -> tuple:
+        """Requests with the same key run as one batch through the denoising loop."""
+        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance)
+
+
+def _as_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"{field}: {value!r} is not an integer")
+    return int(value)
+
+
+def check_params(
+    config: DeploymentConfig,
+    native_size: int,
+    *,
+    seed: Any = None,
+    steps: Any = None,
+    guidance: Any = None,
+    height: Any = None,
+    width: Any = None,
+    scheduler: Any = None,
+) -> GenerationParams:
+    """Fill omitted parameters from `config` and check all of them.
+
+    `native_size` is the model's own image side (512 for SD 1.5), used when neither
+    the request nor the config sets a size.
+    """
+    seed = RANDOM_SEED if seed is None else _as_int("SEED", seed)
+    if seed == RANDOM_SEED:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    elif not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"SEED: {seed} is out of range; allowed 0..{MAX_SEED}, or -1 for a random seed")
+
+    steps = config.default_steps if steps is None else _as_int("STEPS", steps)
+    if not 1 <= steps <= config.max_steps:
+        raise ValueError(f"STEPS: {steps} is out of range; allowed 1..{config.max_steps}")
+
+    guidance = config.default_guidance if guidance is None else float(guidance)
+    if not math.isfinite(guidance):
+        raise ValueError(f"GUIDANCE_SCALE: {guidance} is not a finite number; allowed 0..{config.max_guidance}")
+    if not 0.0 <= guidance <= config.max_guidance:
+        raise ValueError(f"GUIDANCE_SCALE: {guidance} is out of range; allowed 0..{config.max_guidance}")
+
+    sizes = {}
+    for field, value, default in (
+        ("HEIGHT", height, config.default_height),
+        ("WIDTH", width, config.default_width),
+    ):
+        size = (default or native_size) if value is None else _as_int(field, value)
+        if size % 8 != 0 or not config.min_size <= size <= config.max_size:
+            raise ValueError(
+                f"{field}: {size} is not allowed; use a multiple of 8 from {config.min_size} to {config.max_size}"
+            )
+        sizes[field] = size
+
+    scheduler = config.default_scheduler if scheduler is None else scheduler
+    if isinstance(scheduler, bytes):
+        scheduler = scheduler.decode("utf-8", errors="replace")
+    name = str(scheduler).strip().lower()
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"SCHEDULER: {scheduler!r} is not known; allowed {', '.join(SCHEDULER_NAMES)}")
+
+    return GenerationParams(seed, steps, guidance, sizes["HEIGHT"], sizes["WIDTH"], name)

@@ -1,0 +1,224 @@
+"""The three stages of Stable Diffusion, each what one Triton model runs.
+
+Reads like diffusers' `StableDiffusionPipeline.__call__`, split where the ensemble
+splits it: encode the prompt (`TextEncoderStage`), prepare latents and denoise
+(`UNetStage`), decode (`VAEStage`). Each stage takes a list of requests (one dynamic
+batch) and returns one result per request, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+from .config import DeploymentConfig
+from .params import GenerationParams, check_params
+from .schedulers import make_scheduler, step_kwargs
+from . import loading
+
+log = logging.getLogger("sd_backend")
+
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    """Text-encoder output for one request."""
+
+    prompt_embeds: Any  # (77, hidden) torch tensor
+    negative_embeds: Any  # (77, hidden) torch tensor
+    dropped_tokens: int  # prompt tokens cut off at the tokenizer's 77-token limit
+
+
+@dataclasses.dataclass
+class DenoiseJob:
+    """UNet-stage input for one request."""
+
+    params: GenerationParams
+    prompt_embeds: Any  # (77, hidden)
+    negative_embeds: Any  # (77, hidden)
+
+
+class TextEncoderStage:
+    """Tokenize and encode prompts and negative prompts with CLIP."""
+
+    def __init__(self, tokenizer, text_encoder, device):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
+        source = loading.resolve_model(config)
+        device = loading.resolve_device(config, instance_device)
+        dtype = loading.resolve_dtype(config, device)
+        return cls(loading.load_tokenizer(source), loading.load_text_encoder(source, device, dtype), device)
+
+    def count_dropped_tokens(self, prompt: str) -> int:
+        """Tokens past the 77-token limit that truncation removes (diffusers warns of the same)."""
+        full = len(self.tokenizer(prompt, truncation=False).input_ids)
+        return max(0, full - self.tokenizer.model_max_length)
+
+    def _encode(self, texts: Sequence[str]):
+        import torch
+
+        ids = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        with torch.inference_mode():
+            return self.text_encoder(ids.to(self.device))[0]  # (n, 77, hidden)
+
+    def __call__(self, prompts: Sequence[str], negatives: Sequence[str]) -> list[EncodedPrompt]:
+        embeds = self._encode(list(prompts) + list(negatives))
+        n = len(prompts)
+        results = []
+        for i, prompt in enumerate(prompts):
+            dropped = self.count_dropped_tokens(prompt)
+            if dropped:
+                log.warning("prompt truncated to %d tokens: %d dropped", self.tokenizer.model_max_length, dropped)
+            results.append(EncodedPrompt(embeds[i], embeds[n + i], dropped))
+        return results
+
+
+def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: int, device, dtype, init_sigma):
+    """Initial noise, one CPU generator per image, so a seed gives the same noise alone or batched."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
+    first = params[0]
+    shape = (len(params), channels, first.height // scale, first.width // scale)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    return latents * init_sigma, generators
+
+
+def denoise(unet, scheduler, latents, embeds, guidance, generators, timesteps=None):
+    """The denoising loop of diffusers' pipeline, with a guidance scale per image.
+
+    `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
+    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None.
+    """
+    import torch
+
+    extra = step_kwargs(scheduler, generators)
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    with torch.inference_mode():
+        for t in timesteps:
+            model_input = torch.cat([latents] * 2) if guidance is not None else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if guidance is not None:
+                uncond, cond = noise.chunk(2)
+                noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+    return latents
+
+
+class UNetStage:
+    """Prepare latents and run the whole denoising loop for a dynamic batch.
+
+    Requests that differ in steps, size, scheduler or use of guidance are grouped;
+    each group runs as one batch (split at the largest batch bucket).
+    """
+
+    def __init__(self, config: DeploymentConfig, unet, scheduler_config, vae_scale: int, device, dtype):
+        self.config = config
+        self.unet = unet
+        self.scheduler_config = scheduler_config
+        self.vae_scale = vae_scale
+        self.device = device
+        self.dtype = dtype
+        self.native_size = unet.config.sample_size * vae_scale
+        self.loop: Callable = denoise
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "UNetStage":
+        source = loading.resolve_model(config)
+        device = loading.resolve_device(config, instance_device)
+        dtype = loading.resolve_dtype(config, device)
+        unet = loading.load_unet(source, device, dtype)
+        stage = cls(config, unet, loading.load_scheduler_config(source), loading.vae_scale_factor(source), device, dtype)
+        if config.opt_level != "eager":
+            from .optimize import optimize_unet_stage
+
+            optimize_unet_stage(stage)
+        return stage
+
+    def check(self, **raw) -> GenerationParams:
+        """Fill defaults and check one request's parameters (raises ValueError)."""
+        return check_params(self.config, self.native_size, **raw)
+
+    def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
+        """One latent tensor (1, 4, h, w) per job, in order."""
+        import torch
+
+        results: list[Any] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.params.group_key()].append(i)
+        chunk = max(self.config.batch_buckets)
+        for indices in groups.values():
+            for start in range(0, len(indices), chunk):
+                part = indices[start : start + chunk]
+                latents = self.run_group([jobs[i] for i in part])
+                for i, row in zip(part, latents.split(1)):
+                    results[i] = row
+        return results
+
+    def run_group(self, jobs: Sequence[DenoiseJob]):
+        """Denoise jobs that share a group key as one batch; returns (B, 4, h, w)."""
+        import torch
+
+        params = [job.params for job in jobs]
+        first = params[0]
+        scheduler = make_scheduler(first.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(first.steps, device=self.device)
+        latents, generators = prepare_latents(
+            params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
+        )
+        embeds = torch.stack([job.prompt_embeds for job in jobs]).to(self.device, self.dtype)
+        guidance = None
+        if first.uses_guidance:
+            negatives = torch.stack([job.negative_embeds for job in jobs]).to(self.device, self.dtype)
+            embeds = torch.cat([negatives, embeds])  # (2B, 77, hidden): unconditional first, as diffusers
+            guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
+        return self.loop(self.unet, scheduler, latents, embeds, guidance, generators)
+
+
+class VAEStage:
+    """Decode latents to uint8 RGB images."""
+
+    def __init__(self, vae, device, dtype):
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
+        source = loading.resolve_model(config)
+        device = loading.resolve_device(config, instance_device)
+        dtype = loading.resolve_dtype(config, device)
+        return cls(loading.load_vae(source, device, dtype), device, dtype)
+
+    def __call__(self, latents: Sequence[Any]) -> list[Any]:
+        """One (height, width, 3) uint8 numpy image per (1, 4, h, w) latent, in order."""
+        import torch
+
+        results: list[Any] = [None] * len(latents)
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, lat in enumerate(latents):
+            by_shape[tuple(lat.shape)].append(i)
+        for indices in by_shape.values():
+            batch = torch.cat([latents[i] for i in indices]).to(self.device, self.dtype)
+            with torch.inference_mode():
+                images = self.vae.decode(batch / self.vae.config.scaling_factor, return_dict=False)[0]
+            # diffusers' postprocess: denormalize and clamp, float32 NHWC, then round to uint8
+            images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+            images = (images * 255).round().astype("uint8")
+            for i, image in zip(indices, images):
+                results[i] = image
+        return results

@@ -1,0 +1,100 @@
+"""Turning Triton Python-backend requests into stage arguments and results into responses.
+
+Shared by the three `model.py` adapters; `pb` is the `triton_python_backend_utils`
+module, passed in because it only exists inside the backend stub.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+def read_text(pb, request, name: str, required: bool = False) -> str | None:
+    """A BYTES input of one element as text; ValueError for absent-but-required or bad UTF-8."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise ValueError(f"{name}: missing; a text string is required")
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"{name}: {values.size} elements given; exactly one string is allowed")
+    raw = values[0]
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start}); send UTF-8 text") from None
+
+
+def read_scalar(pb, request, name: str) -> Any:
+    """A numeric input of one element as a Python number, or None when absent."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
+    values = values.reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"{name}: {values.size} elements given; exactly one value is allowed")
+    return values[0].item()
+
+
+def to_torch(tensor):
+    """A Triton tensor as a torch tensor, on whatever device it lives on (no numpy copy)."""
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def from_torch(pb, name: str, value):
+    """A torch tensor as a Triton output tensor, by DLPack (stays on its device)."""
+    import torch.utils.dlpack
+
+    return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
+
+
+def invalid(pb, error: Exception):
+    """An INVALID_ARG response for a user error."""
+    return pb.InferenceResponse(error=pb.TritonError(str(error), pb.TritonError.INVALID_ARG))
+
+
+def internal(pb, error: Exception):
+    return pb.InferenceResponse(error=pb.TritonError(f"{type(error).__name__}: {error}"))
+
+
+def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Callable) -> list:
+    """One response per request: `parse` each (ValueError fails that request alone),
+    `run` the parsed ones as one batch, `reply` turns each result into a response."""
+    responses: list = [None] * len(requests)
+    parsed, where = [], []
+    for i, request in enumerate(requests):
+        try:
+            parsed.append(parse(request))
+            where.append(i)
+        except ValueError as err:
+            responses[i] = invalid(pb, err)
+    if parsed:
+        try:
+            results = run(parsed)
+        except ValueError as err:
+            results = None
+            for i in where:
+                responses[i] = invalid(pb, err)
+        except Exception as err:  # noqa: BLE001 - the server must answer every request
+            results = None
+            for i in where:
+                responses[i] = internal(pb, err)
+        if results is not None:
+            for i, item, result in zip(where, parsed, results):
+                responses[i] = reply(item, result)
+    return responses
+
+
+def instance_device(args) -> str | None:
+    """`cuda:N` when Triton placed this model instance on GPU N, else None."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args['model_instance_device_id']}"
+    return None

@@ -1,0 +1,116 @@
+"""flash_attention against fp32 torch attention: SD shapes on CUDA, small masked shapes on the CPU interpreter."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
+from tests.kernels.utils import ATTN_DTYPES, DEVICE, ON_CUDA, assert_close  # noqa: E402
+
+# (atol, rtol) against the fp32 reference; fp16/bf16 error is dominated by rounding p to
+# the input dtype before p @ v and by rounding the output
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+if ON_CUDA:
+    # SD 1.x: heads 8, head_dim 40/80/160/160 at seq 4096/1024/256/64; SD 2.x: head_dim 64
+    SELF_SHAPES = [(40, 4096), (80, 1024), (160, 256), (160, 64), (64, 4096), (64, 1024), (64, 256), (64, 64)]
+    # (batch, heads, head_dim, q_len, kv_len): self-attention, then the 77-token cross-attention
+    SHAPES = [(2, 8, d, n, n) for d, n in SELF_SHAPES] + [(2, 8, d, n, 77) for d, n in SELF_SHAPES]
+    ODD_SHAPES = [(1, 3, 40, 1000, 1000), (2, 5, 80, 333, 77), (1, 2, 160, 129, 65), (1, 1, 8, 17, 1)]
+else:
+    SHAPES = [
+        (1, 2, d, q, kv)
+        for d in (40, 64, 80)
+        for q, kv in ((64, 64), (37, 77), (64, 77), (37, 37))
+    ]
+    ODD_SHAPES = [(1, 1, 160, 20, 45), (2, 1, 8, 17, 1), (1, 1, 16, 3, 100)]
+
+
+def _inputs(batch, heads, head_dim, q_len, kv_len, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=g, device=DEVICE).to(dtype)
+    k = torch.randn(batch, heads, kv_len, head_dim, generator=g, device=DEVICE).to(dtype)
+    v = torch.randn(batch, heads, kv_len, head_dim, generator=g, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("batch,heads,head_dim,q_len,kv_len", SHAPES + ODD_SHAPES)
+def test_flash_attention_matches_reference(batch, heads, head_dim, q_len, kv_len, dtype):
+    q, k, v = _inputs(batch, heads, head_dim, q_len, kv_len, dtype)
+    out = flash_attention(q, k, v)
+    assert out.dtype == dtype and out.is_contiguous()
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(out, flash_attention_reference(q, k, v), atol, rtol, f"flash_attention {tuple(q.shape)} kv {kv_len}")
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_flash_attention_diffusers_views(dtype):
+    """q/k/v as diffusers makes them: (batch, seq, heads * head_dim) viewed to (batch, heads, seq, head_dim)."""
+    batch, heads, head_dim, q_len, kv_len = (2, 8, 40, 1024, 77) if ON_CUDA else (1, 2, 40, 37, 77)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    hidden = torch.randn(batch, q_len, 3 * heads * head_dim, generator=g, device=DEVICE).to(dtype)
+    context = torch.randn(batch, kv_len, 2 * heads * head_dim, generator=g, device=DEVICE).to(dtype)
+    q = hidden[..., : heads * head_dim].view(batch, q_len, heads, head_dim).transpose(1, 2)
+    k, v = (t.reshape(batch, kv_len, heads, head_dim).transpose(1, 2) for t in context.chunk(2, dim=-1))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = flash_attention(q, k, v)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(out, flash_attention_reference(q, k, v), atol, rtol, "flash_attention views")
+
+
+def test_flash_attention_scale():
+    dtype = ATTN_DTYPES[0]
+    q, k, v = _inputs(1, 2, 64, 37, 77, dtype, seed=2)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(flash_attention(q, k, v, scale=0.3), flash_attention_reference(q, k, v, scale=0.3), atol, rtol, "scale")
+
+
+def test_flash_attention_matches_sdpa():
+    """Same answer as the op it replaces, in the same dtype."""
+    dtype = ATTN_DTYPES[0]
+    q, k, v = _inputs(2, 2, 80, 64, 77, dtype, seed=3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(flash_attention(q, k, v), expected, 2 * atol, 2 * rtol, "vs sdpa")
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("float64", "q.dtype"),
+        ("3d", "q.shape"),
+        ("heads", "k.shape"),
+        ("head_dim", "head_dim"),
+        ("mixed_dtype", "dtypes differ"),
+        ("empty_kv", "kv_len"),
+    ],
+)
+def test_flash_attention_rejects(case, match):
+    q, k, v = _inputs(1, 2, 40, 8, 8, torch.float16)
+    if case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "3d":
+        q = q[0]
+    elif case == "heads":
+        k, v = k[:, :1], v[:, :1]
+    elif case == "head_dim":
+        q, k, v = (torch.zeros(1, 1, 4, 300, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    elif case == "mixed_dtype":
+        k = k.float()
+    elif case == "empty_kv":
+        k, v = k[:, :, :0], v[:, :, :0]
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the CPU interpreter accepts CPU tensors")
+def test_flash_attention_rejects_cpu_tensors():
+    q = torch.zeros(1, 1, 4, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="device"):
+        flash_attention(q, q, q)

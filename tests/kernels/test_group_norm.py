@@ -1,0 +1,123 @@
+"""group_norm (+ fused SiLU) against F.group_norm in fp32: SD UNet/VAE shapes on CUDA, small ones on the interpreter."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.group_norm import group_norm, group_norm_reference  # noqa: E402
+from tests.kernels.utils import DEVICE, FLOAT_DTYPES, ON_CUDA, assert_close  # noqa: E402
+
+# (atol, rtol) against fp32 math on the same (rounded) input: the output's own rounding
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+if ON_CUDA:
+    # (N, C, H, W, groups): the UNet's 32 groups at C=320/640/1280, H=W=64/32/16/8, batch 2
+    SHAPES = [(2, c, hw, hw, 32) for c in (320, 640, 1280) for hw in (64, 32, 16, 8)]
+    SHAPES += [
+        (2, 1920, 16, 16, 32),  # UNet up blocks (skip concatenation)
+        (2, 2560, 8, 8, 32),
+        (1, 512, 64, 64, 32),  # VAE decoder
+        (1, 256, 256, 256, 32),
+        (1, 128, 512, 512, 32),
+        (3, 96, 17, 23, 32),  # odd spatial size
+        (2, 64, 9, 9, 1),  # one group
+    ]
+else:
+    # single-tile path, split path (C/G = 8 and 33x33 > one tile), odd sizes
+    SHAPES = [(2, 64, 8, 8, 32), (1, 64, 33, 33, 8), (2, 64, 5, 7, 32)]
+
+
+def _inputs(n, c, spatial, dtype, affine=True, offset=1.0, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = (torch.randn(n, c, *spatial, generator=g, device=DEVICE) * 3 + offset).to(dtype)
+    if not affine:
+        return x, None, None
+    w = torch.randn(c, generator=g, device=DEVICE).to(dtype)
+    b = torch.randn(c, generator=g, device=DEVICE).to(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,groups", SHAPES)
+def test_group_norm_matches_reference(n, c, h, w, groups, channels_last, activation, dtype):
+    x, weight, bias = _inputs(n, c, (h, w), dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = group_norm(x, groups, weight, bias, 1e-5, activation=activation)
+    assert out.dtype == dtype and out.shape == x.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} lost the input's memory format"
+    atol, rtol = TOLERANCES[dtype]
+    expected = group_norm_reference(x, groups, weight, bias, 1e-5, activation)
+    assert_close(out, expected, atol, rtol, f"group_norm {tuple(x.shape)} G={groups} {activation}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["ncl", "vae_attention_view"])
+def test_group_norm_3d(transposed, dtype):
+    """(N, C, L) inputs, including the (N, L, C).transpose(1, 2) view that diffusers' VAE attention normalizes."""
+    n, c, length = (1, 512, 4096) if ON_CUDA else (2, 64, 50)
+    x, weight, bias = _inputs(n, c, (length,), dtype, seed=1)
+    if transposed:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert x.stride(1) == 1
+    out = group_norm(x, 32, weight, bias, 1e-6)
+    assert out.stride() == x.stride()
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(out, group_norm_reference(x, 32, weight, bias, 1e-6), atol, rtol, "group_norm 3d")
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (33, 33)], ids=["single_tile", "split"])
+def test_group_norm_large_mean(spatial):
+    """Two-pass / Chan statistics stay exact where E[x^2] - E[x]^2 would cancel."""
+    x, weight, bias = _inputs(1, 64, spatial, torch.float32, offset=1e4, seed=2)
+    out = group_norm(x, 8, weight, bias, 1e-5)
+    assert_close(out, group_norm_reference(x, 8, weight, bias, 1e-5), 2e-3, 2e-3, "group_norm mean 1e4")
+
+
+def test_group_norm_no_affine():
+    x, _, _ = _inputs(2, 64, (6, 6), torch.float32, affine=False, seed=3)
+    out = group_norm(x, 16, None, None, 1e-5, activation="silu")
+    assert_close(out, group_norm_reference(x, 16, None, None, 1e-5, "silu"), 1e-4, 1e-4, "group_norm no affine")
+
+
+def test_group_norm_strided_input():
+    """A view whose spatial dims cannot be merged is copied first, and the answer is unchanged."""
+    x, weight, bias = _inputs(1, 64, (10, 12), torch.float32, seed=4)
+    x = x[:, :, :, ::2]
+    out = group_norm(x, 32, weight, bias, 1e-5)
+    assert_close(out, group_norm_reference(x, 32, weight, bias, 1e-5), 1e-4, 1e-4, "group_norm strided")
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("activation", "activation"),
+        ("groups", "num_groups"),
+        ("weight_shape", "weight"),
+        ("float64", "x.dtype"),
+        ("1d", "x.shape"),
+    ],
+)
+def test_group_norm_rejects(case, match):
+    x, weight, bias = _inputs(1, 64, (4, 4), torch.float32)
+    groups, activation = 32, None
+    if case == "activation":
+        activation = "gelu"
+    elif case == "groups":
+        groups = 7
+    elif case == "weight_shape":
+        weight = weight[:32]
+    elif case == "float64":
+        x = x.double()
+    elif case == "1d":
+        x = x.flatten()
+    with pytest.raises(ValueError, match=match):
+        group_norm(x, groups, weight, bias, 1e-5, activation=activation)
