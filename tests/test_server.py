@@ -1,0 +1,216 @@
+"""End to end against a real tritonserver process serving the tiny model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd_backend.config import SCHEDULER_NAMES
+from tests.conftest import reference_image
+from tests.utils import assert_same_image, model_counts
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    from sd_client import SDClient
+
+    client = SDClient(server.grpc_url, "grpc")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    from sd_client import SDClient
+
+    client = SDClient(server.http_url, "http")
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_image_matches_diffusers_pipeline(request, reference_pipeline, protocol, scheduler):
+    client = request.getfixturevalue(protocol)
+    params = dict(seed=1234, steps=STEPS, guidance=7.5, scheduler=scheduler, negative="blurry")
+    result = client.generate(
+        "a photo of an astronaut riding a horse",
+        negative_prompt=params["negative"],
+        seed=params["seed"],
+        steps=STEPS,
+        guidance_scale=7.5,
+        scheduler=scheduler,
+    )
+    expected = reference_image(reference_pipeline, "a photo of an astronaut riding a horse", **params)
+    assert result.seed == 1234
+    # Served alone, the image is the pipeline's to the bit.
+    assert_same_image(result.image, expected, max_diff=0)
+
+
+def test_omitted_inputs_take_defaults_and_random_seed_is_reported(grpc, reference_pipeline):
+    first = grpc.generate("a cat", steps=3)
+    second = grpc.generate("a cat", steps=3)
+    assert first.image.shape == (64, 64, 3)  # the tiny model's native size
+    assert first.seed != second.seed
+    again = grpc.generate("a cat", steps=3, seed=first.seed)
+    assert_same_image(again.image, first.image, max_diff=0)
+    # defaults: guidance 7.5, PNDM, empty negative prompt
+    expected = reference_image(reference_pipeline, "a cat", seed=first.seed, steps=3, guidance=7.5, scheduler="pndm")
+    assert_same_image(first.image, expected, max_diff=0)
+
+
+def test_long_prompt_is_truncated_and_reported(grpc):
+    result = grpc.generate("cat " * 100, steps=2, seed=1)
+    assert result.prompt_tokens_dropped == 100 + 2 - 77  # 100 words + start/end tokens
+
+
+def test_same_seed_same_image_inside_a_concurrent_mixed_batch(server, grpc):
+    import tritonclient.grpc as tg
+
+    target = dict(seed=77, steps=STEPS, scheduler="euler_a", guidance_scale=6.0)
+    alone = grpc.generate("a dog in the city", **target)
+    stats_client = tg.InferenceServerClient(server.grpc_url)
+    before = model_counts(stats_client, "unet")
+    mixed = [
+        ("a dog in the city", target),
+        ("a river", dict(seed=1, steps=STEPS, scheduler="euler_a", guidance_scale=3.0)),
+        ("a forest", dict(seed=2, steps=STEPS, scheduler="euler_a")),
+        ("a mountain", dict(seed=3, steps=8, scheduler="ddim")),
+        ("a street", dict(seed=4, steps=STEPS, scheduler="dpmpp_2m", height=72, width=80)),
+        ("the moon", dict(seed=5, steps=STEPS, scheduler="euler_a", guidance_scale=1.0)),
+        ("a dog in the city", target),
+        ("a horse", dict(seed=6, steps=STEPS, scheduler="pndm")),
+    ] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(mixed)) as pool:
+        results = list(pool.map(lambda item: grpc.generate(item[0], **item[1]), mixed))
+    after = model_counts(stats_client, "unet")
+    stats_client.close()
+    for (prompt, params), result in zip(mixed, results):
+        assert result.seed == params["seed"]
+        expected_shape = (params.get("height", 64), params.get("width", 64), 3)
+        assert result.image.shape == expected_shape
+    for i in (0, 6, 8, 14):
+        assert_same_image(results[i].image, alone.image)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == len(mixed)
+    assert executions < inferences, f"no dynamic batching: {executions} executions for {inferences} inferences"
+
+
+def _bytes_input(module, name, value):
+    tensor = module.InferInput(name, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=object))
+    return tensor
+
+
+def _number_input(module, name, value, dtype):
+    array = np.array([[value]], dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
+    tensor = module.InferInput(name, [1, 1], dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+# (id, inputs beyond PROMPT as (name, value, dtype), words the error must contain)
+BAD_REQUESTS = [
+    ("height-not-multiple-of-8", [("HEIGHT", 70, "INT32")], ["HEIGHT", "70", "multiple of 8"]),
+    ("height-too-small", [("HEIGHT", 8, "INT32")], ["HEIGHT", "8", "64"]),
+    ("width-too-large", [("WIDTH", 4096, "INT32")], ["WIDTH", "4096", "1024"]),
+    ("steps-zero", [("STEPS", 0, "INT32")], ["STEPS", "0", "1..150"]),
+    ("steps-huge", [("STEPS", 100000, "INT32")], ["STEPS", "100000", "1..150"]),
+    ("guidance-nan", [("GUIDANCE_SCALE", float("nan"), "FP32")], ["GUIDANCE_SCALE", "nan", "finite"]),
+    ("guidance-inf", [("GUIDANCE_SCALE", float("inf"), "FP32")], ["GUIDANCE_SCALE", "inf", "finite"]),
+    ("guidance-negative", [("GUIDANCE_SCALE", -1.0, "FP32")], ["GUIDANCE_SCALE", "-1", "0..50"]),
+    ("guidance-huge", [("GUIDANCE_SCALE", 1e6, "FP32")], ["GUIDANCE_SCALE", "1000000", "0..50"]),
+    ("unknown-scheduler", [("SCHEDULER", b"lms", "BYTES")], ["SCHEDULER", "lms", "pndm"]),
+    ("negative-seed", [("SEED", -5, "INT64")], ["SEED", "-5", "-1 for a random seed"]),
+    ("steps-wrong-dtype", [("STEPS", 10.0, "FP32")], ["STEPS", "FP32", "INT32"]),
+    ("prompt-not-utf8", [("PROMPT", b"\xff\xfe bad", "BYTES")], ["PROMPT", "UTF-8"]),
+    ("negative-prompt-not-utf8", [("NEGATIVE_PROMPT", b"\xc3", "BYTES")], ["NEGATIVE_PROMPT", "UTF-8"]),
+    ("prompt-missing", [("PROMPT", None, None)], ["PROMPT"]),
+]
+
+
+def _bad_inputs(module, extra):
+    inputs = {"PROMPT": _bytes_input(module, "PROMPT", b"a photo")}
+    for name, value, dtype in extra:
+        if value is None:
+            inputs.pop(name)
+        elif dtype == "BYTES":
+            inputs[name] = _bytes_input(module, name, value)
+        else:
+            inputs[name] = _number_input(module, name, value, dtype)
+    return list(inputs.values())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_inputs_fail_alone_with_clear_errors(server, grpc, protocol):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    module = tg if protocol == "grpc" else th
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+
+    def send(extra):
+        client = module.InferenceServerClient(url)
+        try:
+            client.infer("stable_diffusion", _bad_inputs(module, extra))
+            return None
+        except InferenceServerException as err:
+            return err
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        good = [pool.submit(grpc.generate, "a good request", seed=i, steps=4) for i in range(3)]
+        bad = {case: pool.submit(send, extra) for case, extra, _ in BAD_REQUESTS}
+        good_images = [f.result() for f in good]
+    for case, extra, words in BAD_REQUESTS:
+        err = bad[case].result()
+        assert err is not None, f"{case}: accepted"
+        status = str(err.status())
+        assert "INVALID_ARG" in status or status == "400", f"{case}: status {status}: {err.message()}"
+        for word in words:
+            assert word in err.message(), f"{case}: {word!r} not in {err.message()!r}"
+    assert all(r.image.shape == (64, 64, 3) for r in good_images)
+    assert grpc.is_ready()
+
+
+def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    if not binary.exists():
+        pytest.fail("perf_analyzer is missing: install tritonclient==2.51.0 (manylinux wheel)")
+    env = dict(os.environ)
+    cudart = Path(__import__("nvidia.cuda_runtime", fromlist=["x"]).__path__[0]) / "lib"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(cudart), env.get("LD_LIBRARY_PATH", "")])
+    data = Path(__file__).resolve().parents[1] / "client" / "perf_input_tiny.json"
+    report = tmp_path / "perf.csv"
+    proc = subprocess.run(
+        [
+            str(binary),
+            "-m", "stable_diffusion",
+            "-u", server.grpc_url,
+            "-i", "grpc",
+            "--input-data", str(data),
+            "--concurrency-range", "1:2",
+            "--measurement-mode", "count_windows",
+            "--measurement-request-count", "10",
+            "--stability-percentage", "100",
+            "-f", str(report),
+        ],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Concurrency: 1, throughput:" in output and "Concurrency: 2, throughput:" in output, output[-3000:]
+    rows = report.read_text().strip().splitlines()
+    assert rows[0].startswith("Concurrency,Inferences/Second")
+    throughputs = [float(row.split(",")[1]) for row in rows[1:]]
+    assert len(throughputs) == 2 and all(t > 0 for t in throughputs), rows
