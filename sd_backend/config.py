@@ -73,6 +73,10 @@ class DeploymentConfig:
     """`eager` (diffusers modules as they are), `compile` (torch.compile), `triton`
     (this project's kernels and whole-loop CUDA graphs)."""
 
+    kernels: str = "attention,group_norm,layer_norm,geglu"
+    """On the `triton` level: which ops to patch with this project's kernels (comma list,
+    empty for none); each kernel still runs only at shapes where it beat the torch op."""
+
     def __post_init__(self) -> None:
         self.default_scheduler = self.default_scheduler.lower()
         if self.default_scheduler not in SCHEDULER_NAMES:

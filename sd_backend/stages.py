@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .config import DeploymentConfig
 from .params import GenerationParams, check_params
@@ -133,7 +133,7 @@ class UNetStage:
         self.device = device
         self.dtype = dtype
         self.native_size = unet.config.sample_size * vae_scale
-        self.loop: Callable = denoise
+        self.graphs = None  # LoopGraphs on the `triton` optimization level
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "UNetStage":
@@ -186,7 +186,10 @@ class UNetStage:
             negatives = torch.stack([job.negative_embeds for job in jobs]).to(self.device, self.dtype)
             embeds = torch.cat([negatives, embeds])  # (2B, 77, hidden): unconditional first, as diffusers
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
-        return self.loop(self.unet, scheduler, latents, embeds, guidance, generators)
+        captured = self.graphs.find(first, len(jobs)) if self.graphs is not None else None
+        if captured is not None:
+            return captured.run(latents, embeds, guidance, generators)
+        return denoise(self.unet, scheduler, latents, embeds, guidance, generators)
 
 
 class VAEStage:

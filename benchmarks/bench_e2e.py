@@ -1,0 +1,258 @@
+"""Stable Diffusion engines side by side: one process, one GPU, the same weights.
+
+    python benchmarks/bench_e2e.py [--model sd15-random] [--systems eager,triton,compile]
+
+Systems: `eager` (diffusers' StableDiffusionPipeline as it is), `compile` (the same with
+a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this project's stages with the whole-loop CUDA graphs, no custom kernels) and
+`triton` (the same plus this project's Triton kernels). For each: seconds per image at
+batch 1 (median and min of --repeats), images/s at --batch, time from start to first
+image (load + compile/capture + one image), peak GPU memory while generating at batch 1,
+and the relative L2 distance of its final latents from diffusers eager fp16 on the same
+seed. Writes benchmarks/results/<gpu>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def rel_l2(a, b) -> float:
+    a, b = a.float().flatten(), b.float().flatten().to(a.device)
+    return float((a - b).norm() / b.norm())
+
+
+class DiffusersSystem:
+    """diffusers' pipeline, optionally with torch.compile."""
+
+    def __init__(self, model_dir: str, variant: str, steps: int, size: int):
+        from diffusers import StableDiffusionPipeline
+
+        self.steps, self.size = steps, size
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            model_dir, torch_dtype=torch.float16, safety_checker=None
+        ).to("cuda")
+        self.pipe.set_progress_bar_config(disable=True)
+        if variant == "compile":
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", dynamic=False)
+
+    def run(self, batch: int, seed: int, output_type: str = "np"):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+        out = self.pipe(
+            [PROMPT] * batch,
+            num_inference_steps=self.steps,
+            guidance_scale=7.5,
+            height=self.size,
+            width=self.size,
+            generator=generators,
+            output_type=output_type,
+        )
+        return out.images
+
+    def latents(self, seed: int):
+        return self.run(1, seed, output_type="latent")[0]
+
+
+class StagesSystem:
+    """This project's three stages in one process (what the served ensemble runs)."""
+
+    def __init__(self, model_dir: str, kernels: str, steps: int, size: int, buckets):
+        from sd_backend.config import DeploymentConfig
+        from sd_backend.engine import Engine
+
+        self.steps, self.size = steps, size
+        config = DeploymentConfig(
+            model=model_dir,
+            opt_level="triton",
+            kernels=kernels,
+            default_steps=steps,
+            default_height=size,
+            default_width=size,
+            batch_buckets=tuple(buckets),
+        )
+        self.engine = Engine(config)
+
+    def run(self, batch: int, seed: int):
+        return self.engine.generate([PROMPT] * batch, seed=[seed + i for i in range(batch)], guidance=7.5)
+
+    def latents(self, seed: int):
+        return self.engine.latents([PROMPT], seed=seed, guidance=7.5)[0][0]
+
+
+def build(name: str, args):
+    if name in ("eager", "compile"):
+        return DiffusersSystem(args.model_dir, name, args.steps, args.size)
+    kernels = "" if name == "graphs" else "attention,group_norm,layer_norm,geglu"
+    return StagesSystem(args.model_dir, kernels, args.steps, args.size, (1, args.batch))
+
+
+def measure(name: str, args, reference_latents) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = sync_time()
+    system = build(name, args)
+    system.run(1, seed=0)
+    first_image_s = sync_time() - start
+    load_peak = torch.cuda.max_memory_allocated()
+
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.repeats):
+        t0 = sync_time()
+        system.run(1, seed=100 + i)
+        times.append(sync_time() - t0)
+    peak_b1 = torch.cuda.max_memory_allocated()
+
+    system.run(args.batch, seed=200)  # warm-up at this batch (compile re-traces, graphs exist)
+    rates = []
+    for i in range(2):
+        t0 = sync_time()
+        system.run(args.batch, seed=300 + i)
+        rates.append(args.batch / (sync_time() - t0))
+
+    latents = system.latents(seed=1)
+    result = {
+        "system": name,
+        "batch1_s_median": statistics.median(times),
+        "batch1_s_min": min(times),
+        "batch1_s_all": times,
+        f"batch{args.batch}_images_per_s": max(rates),
+        "start_to_first_image_s": first_image_s,
+        "peak_mem_batch1_gib": peak_b1 / 2**30,
+        "peak_mem_load_gib": load_peak / 2**30,
+    }
+    if reference_latents is not None:
+        result["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference_latents)
+    else:
+        result["_latents"] = latents
+    del system
+    return result
+
+
+def fp32_floor(args, reference_latents) -> float:
+    """How far diffusers eager fp32 lands from eager fp16: the noise floor of the check."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, safety_checker=None).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+               generator=[torch.Generator().manual_seed(1)], output_type="latent").images[0]
+    del pipe
+    return rel_l2(out, reference_latents)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sd15-random", help="sd15-random or a diffusers directory")
+    parser.add_argument("--systems", default="eager,graphs,triton,compile")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--cache-dir", default="/tmp/sd-triton-cache")
+    args = parser.parse_args()
+
+    from sd_backend.offline import OFFLINE_MODELS, write_offline_model
+
+    if args.model in OFFLINE_MODELS:
+        t0 = time.perf_counter()
+        args.model_dir = str(write_offline_model(args.model, Path(args.cache_dir) / args.model))
+        print(f"model {args.model} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    else:
+        args.model_dir = args.model
+
+    gpu = torch.cuda.get_device_name(0)
+    results, reference = [], None
+    systems = args.systems.split(",")
+    if "eager" in systems:  # the reference comes first
+        systems.remove("eager")
+        systems.insert(0, "eager")
+    for name in systems:
+        print(f"--- {name}", flush=True)
+        try:
+            result = measure(name, args, reference)
+        except Exception as err:  # noqa: BLE001 - one system failing must not lose the others
+            traceback.print_exc()
+            result = {"system": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+        if name == "eager" and "_latents" in result:
+            reference = result.pop("_latents")
+            result["latents_rel_l2_vs_eager_fp16"] = 0.0
+        result.pop("_latents", None)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    floor = None
+    if reference is not None:
+        try:
+            floor = fp32_floor(args, reference)
+        except Exception as err:  # noqa: BLE001
+            floor = f"{type(err).__name__}: {err}"
+
+    record = {
+        "gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "steps": args.steps,
+        "size": args.size,
+        "guidance": 7.5,
+        "scheduler": "pndm",
+        "batch": args.batch,
+        "eager_fp32_vs_fp16_latents_rel_l2": floor,
+        "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{gpu.replace(' ', '-')}-{record['date']}-e2e"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    (out / f"{stem}.md").write_text(markdown(record))
+    print(markdown(record))
+    return 0
+
+
+def markdown(record: dict) -> str:
+    b = record["batch"]
+    lines = [
+        f"{record['gpu']}, {record['date']}, torch {record['torch']}, {record['model']}, fp16, "
+        f"{record['size']}x{record['size']}, {record['steps']} PNDM steps, guidance 7.5",
+        "",
+        f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 | latents rel L2 vs eager |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in record["results"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['system']} | {r['batch1_s_median']:.3f} / {r['batch1_s_min']:.3f} | {r[f'batch{b}_images_per_s']:.2f} "
+            f"| {r['start_to_first_image_s']:.1f} | {r['peak_mem_batch1_gib']:.2f} | {r.get('latents_rel_l2_vs_eager_fp16', float('nan')):.4f} |"
+        )
+    lines += ["", f"eager fp32 vs eager fp16 latents rel L2 (noise floor): {record['eager_fp32_vs_fp16_latents_rel_l2']}",
+              "", f"command: `{record['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
