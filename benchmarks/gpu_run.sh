@@ -4,6 +4,15 @@
 #   bash benchmarks/gpu_run.sh [tests] [kernels] [e2e SYSTEMS]
 set -uo pipefail
 source .whl/bootstrap.sh
+# bootstrap.sh puts numpy 1.26 first for every process (the Python-backend stub of
+# tritonserver 2.51 needs it), but the host's scipy/transformers need numpy 2: move it
+# aside and let only processes that set SD_STUB_EXTRA_PATH (the served stubs) see it.
+if [ -d /tmp/site/numpy ]; then
+  mkdir -p /tmp/np1 && mv /tmp/site/numpy /tmp/site/numpy-1.26*.dist-info /tmp/site/numpy.libs /tmp/np1/ 2>/dev/null
+fi
+VSITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+echo "import os, sys; p = os.environ.get('SD_STUB_EXTRA_PATH'); p and sys.path.insert(0, p)" > "$VSITE/00-sd-stub-path.pth"
+python3 -c "import numpy, diffusers, transformers; print('numpy', numpy.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader

@@ -114,7 +114,7 @@ def _attn_fwd_inner(
 
 @triton.autotune(
     configs=_configs(),
-    key=["q_len", "kv_len", "HEAD_DIM"],
+    key=["q_len", "kv_len", "HEAD_DIM", "ALIGN"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -137,20 +137,18 @@ def _attn_fwd_kernel(
     # Triton infers alignment only from integer arguments divisible by 16; head_dim 40 makes
     # strides of 40 elements, and without this every K/V load is scalar and unpipelined.
     # Multiplying by the constexpr ALIGN tells the compiler that rows start 16-byte aligned.
-    stride_qb, stride_qh, stride_qm = stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN
-    stride_kb, stride_kh, stride_kn = stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN
-    stride_vb, stride_vh, stride_vn = stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN
-    stride_ob, stride_oh, stride_om = stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN
+    stride_qm, stride_kn = stride_qm * ALIGN, stride_kn * ALIGN
+    stride_vn, stride_om = stride_vn * ALIGN, stride_om * ALIGN
 
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    # int64: batch * heads * seq * head_dim overflows int32 for large batches
+    # int64 before any multiply: batch * heads * seq * head_dim passes 2**31 for large batches
     off_b = (pid_bh // heads).to(tl.int64)
     off_h = (pid_bh % heads).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    Out += off_b * stride_ob + off_h * stride_oh
+    Q += (off_b * stride_qb + off_h * stride_qh) * ALIGN
+    K += (off_b * stride_kb + off_h * stride_kh) * ALIGN
+    V += (off_b * stride_vb + off_h * stride_vh) * ALIGN
+    Out += (off_b * stride_ob + off_h * stride_oh) * ALIGN
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -215,9 +213,13 @@ def flash_attention(q, k, v, scale=None):
             raise ValueError(f"flash_attention: {name}.dtype is {t.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
         _check_device(name, t)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"flash_attention: dtypes differ (q {q.dtype}, k {k.dtype}, v {v.dtype}); allowed: all the same")
+        raise ValueError(
+            f"flash_attention: dtypes differ (q {q.dtype}, k {k.dtype}, v {v.dtype}); allowed: all the same"
+        )
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"flash_attention: devices differ (q {q.device}, k {k.device}, v {v.device}); allowed: one device")
+        raise ValueError(
+            f"flash_attention: devices differ (q {q.device}, k {k.device}, v {v.device}); allowed: one device"
+        )
     batch, heads, q_len, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
         raise ValueError(
@@ -252,14 +254,16 @@ def flash_attention(q, k, v, scale=None):
     if not all(
         t.data_ptr() % 16 == 0
         and t.stride(3) == 1
-        and all(st % align == 0 for st, size in zip(t.stride()[:3], t.shape[:3]) if size > 1)
+        and all(st % align == 0 for st, size in zip(t.stride()[:3], t.shape[:3], strict=True) if size > 1)
         for t in (q, k, v, out)
     ):
         align = 1
 
     def strides(t):
         # size-1 dims may carry any stride; they are only ever multiplied by 0
-        return [st // align if size > 1 else 0 for st, size in zip(t.stride()[:3], t.shape[:3])] + [t.stride(3)]
+        return [st // align if size > 1 else 0 for st, size in zip(t.stride()[:3], t.shape[:3], strict=True)] + [
+            t.stride(3)
+        ]
 
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)

@@ -39,14 +39,14 @@ def _load_group_tile(
     X,  # input base pointer
     stride_xn, stride_xc, stride_xs,  # input strides over (N, C, S), in elements
     n, g, chunk,  # sample, group and chunk of S of this tile
-    group_channels, S,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    S,
+    GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (offs_c < group_channels)[:, None] & (offs_s < S)[None, :]
+    mask = (offs_c < GROUP_C)[:, None] & (offs_s < S)[None, :]
     # int64 sample offset; offsets inside one sample fit int32 (checked by the launcher)
-    base = X + n.to(tl.int64) * stride_xn + (g * group_channels).to(tl.int64) * stride_xc
+    base = X + n.to(tl.int64) * stride_xn + (g * GROUP_C).to(tl.int64) * stride_xc
     x = tl.load(base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs, mask=mask, other=0.0)
     return x.to(tl.float32), offs_c, offs_s, mask
 
@@ -57,7 +57,8 @@ def _group_norm_stats_kernel(
     MEAN,  # out: fp32 (N * G, num_chunks), mean of each chunk
     M2,  # out: fp32 (N * G, num_chunks), sum of squared deviations from the chunk mean
     stride_xn, stride_xc, stride_xs,  # input strides, in elements
-    num_groups, group_channels, S, num_chunks,
+    num_groups, S, num_chunks,
+    GROUP_C: tl.constexpr,  # channels per group, C / G (constexpr: lets channels_last loads vectorize)
     BLOCK_C: tl.constexpr,  # next power of two >= C / G
     BLOCK_S: tl.constexpr,  # chunk length along S
 ):
@@ -66,9 +67,9 @@ def _group_norm_stats_kernel(
     n = pid_ng // num_groups
     g = pid_ng % num_groups
     x, offs_c, offs_s, mask = _load_group_tile(
-        X, stride_xn, stride_xc, stride_xs, n, g, chunk, group_channels, S, BLOCK_C, BLOCK_S
+        X, stride_xn, stride_xc, stride_xs, n, g, chunk, S, GROUP_C, BLOCK_C, BLOCK_S
     )
-    count = (group_channels * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)).to(tl.float32)
+    count = (GROUP_C * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)).to(tl.float32)
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     d = tl.where(mask, x - mean, 0.0)
     m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -85,9 +86,10 @@ def _group_norm_fwd_kernel(
     MEAN, M2,  # per-chunk statistics from the stats kernel; unused when SINGLE_CHUNK
     stride_xn, stride_xc, stride_xs,  # input strides, in elements
     stride_yn, stride_yc, stride_ys,  # output strides, in elements
-    num_groups, group_channels, S, num_chunks,
+    num_groups, S, num_chunks,
     inv_count,  # 1 / ((C / G) * S)
     eps,
+    GROUP_C: tl.constexpr,  # channels per group, C / G
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_P: tl.constexpr,  # partials merged per step
@@ -101,7 +103,7 @@ def _group_norm_fwd_kernel(
     n = pid_ng // num_groups
     g = pid_ng % num_groups
     x, offs_c, offs_s, mask = _load_group_tile(
-        X, stride_xn, stride_xc, stride_xs, n, g, chunk, group_channels, S, BLOCK_C, BLOCK_S
+        X, stride_xn, stride_xc, stride_xs, n, g, chunk, S, GROUP_C, BLOCK_C, BLOCK_S
     )
     if SINGLE_CHUNK:
         mean = tl.sum(tl.sum(x, axis=1), axis=0) * inv_count
@@ -115,30 +117,30 @@ def _group_norm_fwd_kernel(
         for p0 in range(0, num_chunks, BLOCK_P):
             offs_p = p0 + offs_p0
             mask_p = offs_p < num_chunks
-            cnt = tl.where(mask_p, group_channels * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
+            cnt = tl.where(mask_p, GROUP_C * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
             acc += cnt * tl.load(MEAN + row + offs_p, mask=mask_p, other=0.0)
         mean = tl.sum(acc, axis=0) * inv_count
         acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         for p0 in range(0, num_chunks, BLOCK_P):
             offs_p = p0 + offs_p0
             mask_p = offs_p < num_chunks
-            cnt = tl.where(mask_p, group_channels * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
+            cnt = tl.where(mask_p, GROUP_C * tl.minimum(S - offs_p * BLOCK_S, BLOCK_S), 0).to(tl.float32)
             mu = tl.load(MEAN + row + offs_p, mask=mask_p, other=0.0)
             acc += tl.load(M2 + row + offs_p, mask=mask_p, other=0.0) + cnt * (mu - mean) * (mu - mean)
         var = tl.sum(acc, axis=0) * inv_count
     rstd = 1.0 / tl.sqrt(var + eps)
 
     y = (x - mean) * rstd
-    mask_c = offs_c < group_channels
+    mask_c = offs_c < GROUP_C
     if HAS_WEIGHT:
-        w = tl.load(W + g * group_channels + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        w = tl.load(W + g * GROUP_C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         y = y * w[:, None]
     if HAS_BIAS:
-        b = tl.load(B + g * group_channels + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        b = tl.load(B + g * GROUP_C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         y = y + b[:, None]
     if SILU:
         y = y * tl.sigmoid(y)
-    base = Y + n.to(tl.int64) * stride_yn + (g * group_channels).to(tl.int64) * stride_yc
+    base = Y + n.to(tl.int64) * stride_yn + (g * GROUP_C).to(tl.int64) * stride_yc
     tl.store(base + offs_c[:, None] * stride_yc + offs_s[None, :] * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -223,8 +225,8 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         _group_norm_stats_kernel[grid](
             x3, mean, m2,
             *x3.stride(),
-            num_groups, group_channels, S, num_chunks,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+            num_groups, S, num_chunks,
+            GROUP_C=group_channels, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
         )
     _group_norm_fwd_kernel[grid](
         x3, y3,
@@ -232,8 +234,9 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         bias if bias is not None else x3,
         mean, m2,
         *x3.stride(), *y3.stride(),
-        num_groups, group_channels, S, num_chunks,
+        num_groups, S, num_chunks,
         1.0 / (group_channels * S), float(eps),
+        GROUP_C=group_channels,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         BLOCK_P=min(triton.next_power_of_2(num_chunks), _MAX_PARTIALS_BLOCK),

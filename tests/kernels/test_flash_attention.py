@@ -21,14 +21,20 @@ if ON_CUDA:
     SELF_SHAPES = [(40, 4096), (80, 1024), (160, 256), (160, 64), (64, 4096), (64, 1024), (64, 256), (64, 64)]
     # (batch, heads, head_dim, q_len, kv_len): self-attention, then the 77-token cross-attention
     SHAPES = [(2, 8, d, n, n) for d, n in SELF_SHAPES] + [(2, 8, d, n, 77) for d, n in SELF_SHAPES]
-    ODD_SHAPES = [(1, 3, 40, 1000, 1000), (2, 5, 80, 333, 77), (1, 2, 160, 129, 65), (1, 1, 8, 17, 1)]
+    ODD_SHAPES = [
+        (1, 3, 40, 1000, 1000),
+        (2, 5, 80, 333, 77),
+        (1, 2, 160, 129, 65),
+        (1, 1, 8, 17, 1),
+        (2, 3, 20, 100, 50),  # head_dim 20: unaligned rows
+    ]
 else:
     SHAPES = [
         (1, 2, d, q, kv)
         for d in (40, 64, 80)
         for q, kv in ((64, 64), (37, 77), (64, 77), (37, 37))
     ]
-    ODD_SHAPES = [(1, 1, 160, 20, 45), (2, 1, 8, 17, 1), (1, 1, 16, 3, 100)]
+    ODD_SHAPES = [(1, 1, 160, 20, 45), (2, 1, 8, 17, 1), (1, 1, 16, 3, 100), (2, 2, 20, 9, 13)]
 
 
 def _inputs(batch, heads, head_dim, q_len, kv_len, dtype, seed=0):
@@ -64,11 +70,34 @@ def test_flash_attention_diffusers_views(dtype):
     assert_close(out, flash_attention_reference(q, k, v), atol, rtol, "flash_attention views")
 
 
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_flash_attention_unaligned(dtype):
+    """Tensors that start off a 16-byte boundary take the kernel's unaligned path (ALIGN=1)."""
+    batch, heads, head_dim, q_len, kv_len = (2, 8, 40, 256, 77) if ON_CUDA else (1, 2, 40, 20, 77)
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    nq, nkv = batch * heads * q_len * head_dim, batch * heads * kv_len * head_dim
+    flat = torch.randn(nq + 2 * nkv + 1, generator=g, device=DEVICE).to(dtype)[1:]  # 1 element off alignment
+    q = flat[:nq].view(batch, heads, q_len, head_dim)
+    k = flat[nq : nq + nkv].view(batch, heads, kv_len, head_dim)
+    v = flat[nq + nkv :].view(batch, heads, kv_len, head_dim)
+    assert q.data_ptr() % 16 != 0
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(flash_attention(q, k, v), flash_attention_reference(q, k, v), atol, rtol, "flash_attention unaligned")
+
+
 def test_flash_attention_scale():
     dtype = ATTN_DTYPES[0]
     q, k, v = _inputs(1, 2, 64, 37, 77, dtype, seed=2)
     atol, rtol = TOLERANCES[dtype]
-    assert_close(flash_attention(q, k, v, scale=0.3), flash_attention_reference(q, k, v, scale=0.3), atol, rtol, "scale")
+    expected = flash_attention_reference(q, k, v, scale=0.3)
+    assert_close(flash_attention(q, k, v, scale=0.3), expected, atol, rtol, "scale")
+
+
+def test_flash_attention_fp32():
+    """fp32 works everywhere (exact "ieee" products, so it matches torch's fp32 math), slowly on the GPU."""
+    q, k, v = _inputs(1, 2, 40, 100 if ON_CUDA else 37, 77, torch.float32, seed=5)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(flash_attention(q, k, v), flash_attention_reference(q, k, v), atol, rtol, "flash_attention fp32")
 
 
 def test_flash_attention_matches_sdpa():

@@ -40,6 +40,7 @@ def test_geglu_matches_diffusers_math_on_strided_rows():
 
 @pytest.mark.parametrize("case,match", [("odd", "even"), ("float64", "x.dtype")])
 def test_geglu_rejects(case, match):
-    x = torch.zeros(2, 7 if case == "odd" else 8, device=DEVICE, dtype=torch.float64 if case == "float64" else torch.float32)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = torch.zeros(2, 7 if case == "odd" else 8, device=DEVICE, dtype=dtype)
     with pytest.raises(ValueError, match=match):
         geglu(x)
