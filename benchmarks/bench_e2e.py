@@ -3,8 +3,11 @@
     python benchmarks/bench_e2e.py [--model sd15-random] [--systems eager,triton,compile]
 
 Systems: `eager` (diffusers' StableDiffusionPipeline as it is), `compile` (the same with
-a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this project's stages with the whole-loop CUDA graphs, no custom kernels) and
-`triton` (the same plus this project's Triton kernels). For each: seconds per image at
+a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this project's stages with the whole-loop CUDA graphs, no custom kernels),
+`triton` (the same plus this project's Triton kernels at every supported shape;
+`triton-measure` picks kernel or torch op per shape by timing each alone, `-nofuse`
+keeps separate q/k/v projections) and `inductor` (the whole-loop graphs around a UNet compiled by
+torch.compile's default mode, without its own CUDA graphs). For each: seconds per image at
 batch 1 (median and min of --repeats), images/s at --batch, time from start to first
 image (load + compile/capture + one image), peak GPU memory while generating at batch 1,
 and the relative L2 distance of its final latents from diffusers eager fp16 on the same
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,11 +106,14 @@ class StagesSystem:
 def build(name: str, args):
     if name in ("eager", "compile"):
         return DiffusersSystem(args.model_dir, name, args.steps, args.size)
-    kernels = "" if name == "graphs" else "attention,group_norm,layer_norm,geglu"
+    kernels = {"graphs": "", "inductor": "inductor"}.get(name, "attention,group_norm,layer_norm,geglu")
     return StagesSystem(args.model_dir, kernels, args.steps, args.size, (1, args.batch))
 
 
 def measure(name: str, args, reference_latents) -> dict:
+    # triton-measure: per-shape timing decides; -nofuse: separate q/k/v GEMMs
+    os.environ["SD_KERNEL_DISPATCH"] = "measure" if "-measure" in name else "always"
+    os.environ["SD_FUSE_PROJECTIONS"] = "0" if name.endswith("-nofuse") else "1"
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -142,6 +149,10 @@ def measure(name: str, args, reference_latents) -> dict:
         "peak_mem_batch1_gib": peak_b1 / 2**30,
         "peak_mem_load_gib": load_peak / 2**30,
     }
+    if name.startswith("triton"):
+        from kernels import dispatch
+
+        result["kernel_dispatch"] = dispatch.decisions()
     if reference_latents is not None:
         result["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference_latents)
     else:
@@ -154,7 +165,7 @@ def fp32_floor(args, reference_latents) -> float:
     """How far diffusers eager fp32 lands from eager fp16: the noise floor of the check."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, safety_checker=None).to("cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float32, safety_checker=None).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
                generator=[torch.Generator().manual_seed(1)], output_type="latent").images[0]
@@ -202,6 +213,7 @@ def main() -> int:
         result.pop("_latents", None)
         print(json.dumps(result), flush=True)
         results.append(result)
+        save(args, gpu, results, None)  # a run cut short keeps what it measured
     floor = None
     if reference is not None:
         try:
@@ -209,6 +221,11 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001
             floor = f"{type(err).__name__}: {err}"
 
+    save(args, gpu, results, floor)
+    return 0
+
+
+def save(args, gpu: str, results: list, floor) -> None:
     record = {
         "gpu": gpu,
         "date": datetime.date.today().isoformat(),
@@ -228,8 +245,8 @@ def main() -> int:
     stem = f"{gpu.replace(' ', '-')}-{record['date']}-e2e"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     (out / f"{stem}.md").write_text(markdown(record))
-    print(markdown(record))
-    return 0
+    if floor is not None or len(results) == len(args.systems.split(",")):
+        print(markdown(record))
 
 
 def markdown(record: dict) -> str:

@@ -13,12 +13,16 @@ Triton is imported on first use of a kernel, not here: without it this module im
 and CPU models work.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+
+from kernels import dispatch
 
 OPS = ("attention", "group_norm", "layer_norm", "geglu")
 
@@ -91,15 +95,22 @@ class TritonAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-
+        self_attention = encoder_hidden_states is None
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        fused = _fused_projection(attn, ("to_q", "to_k", "to_v") if self_attention else ("to_k", "to_v"), hidden_states)
+        if fused is None:
+            query = attn.to_q(hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
+        elif self_attention:
+            query, key, value = F.linear(hidden_states, *fused).chunk(3, dim=-1)  # one GEMM for q, k, v
+        else:
+            query = attn.to_q(hidden_states)
+            key, value = F.linear(encoder_hidden_states, *fused).chunk(2, dim=-1)  # one GEMM for k, v
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -118,7 +129,12 @@ class TritonAttnProcessor:
         if self._use_kernel(query, key, value, attention_mask):
             from kernels import flash_attention
 
-            hidden_states = flash_attention(query, key, value)
+            hidden_states = dispatch.run(
+                ("attention", tuple(query.shape), key.shape[-2], query.dtype),
+                lambda: flash_attention(query, key, value),
+                lambda: F.scaled_dot_product_attention(query, key, value),
+                query.device,
+            )
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
@@ -140,6 +156,30 @@ class TritonAttnProcessor:
         return hidden_states
 
 
+def _fused_projection(attn, names, hidden_states):
+    """(weight, bias) of the named projections concatenated, built once per module, or None.
+
+    One wide GEMM instead of two or three narrow ones; only on the kernel device and
+    without autograd, so CPU models compute exactly what the unpatched ones do. The cached
+    copy assumes inference weights that do not change after the first call.
+    """
+    if not (_is_kernel_device(hidden_states) and _no_autograd(hidden_states)):
+        return None
+    if os.environ.get("SD_FUSE_PROJECTIONS", "1") == "0":
+        return None
+    cache = attn.__dict__.setdefault("_sd_fused_projections", {})
+    if names not in cache:
+        layers = [getattr(attn, name) for name in names]
+        biases = [layer.bias for layer in layers]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            cache[names] = None
+        else:
+            weight = torch.cat([layer.weight for layer in layers])  # (n * inner, in)
+            bias = None if biases[0] is None else torch.cat(biases)
+            cache[names] = (weight, bias)
+    return cache[names]
+
+
 class TritonGroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose forward runs kernels.group_norm on CUDA; activation="silu" fuses F.silu."""
 
@@ -152,9 +192,22 @@ class TritonGroupNorm(nn.GroupNorm):
         ):
             from kernels import group_norm
 
-            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=activation)
+            return dispatch.run(
+                ("group_norm", tuple(input.shape), input.stride(), input.dtype, activation),
+                lambda: group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=activation),
+                lambda: self._torch_forward(input, activation),
+                input.device,
+            )
+        return self._torch_forward(input, activation)
+
+    def _torch_forward(self, input, activation):
         out = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(out) if activation == "silu" else out
+        out = F.silu(out) if activation == "silu" else out
+        # torch's GroupNorm returns NCHW for a channels-last input; convert back here, where the
+        # per-shape timing sees it, rather than in the convolution that follows
+        if input.is_cuda and input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 class TritonLayerNorm(nn.LayerNorm):
@@ -170,7 +223,12 @@ class TritonLayerNorm(nn.LayerNorm):
         ):
             from kernels import layer_norm
 
-            return layer_norm(input, self.weight, self.bias, self.eps)
+            return dispatch.run(
+                ("layer_norm", tuple(input.shape), input.dtype),
+                lambda: layer_norm(input, self.weight, self.bias, self.eps),
+                lambda: F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps),
+                input.device,
+            )
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -182,8 +240,16 @@ class TritonGEGLU(GEGLU):
         if _is_kernel_device(hidden_states) and hidden_states.dtype in _NORM_DTYPES and _no_autograd(hidden_states):
             from kernels import geglu
 
-            return geglu(hidden_states)
-        hidden_states, gate = hidden_states.chunk(2, dim=-1)
+            return dispatch.run(
+                ("geglu", tuple(hidden_states.shape), hidden_states.dtype),
+                lambda: geglu(hidden_states),
+                lambda: self._torch_gate(hidden_states),
+                hidden_states.device,
+            )
+        return self._torch_gate(hidden_states)
+
+    def _torch_gate(self, projected):
+        hidden_states, gate = projected.chunk(2, dim=-1)
         return hidden_states * self.gelu(gate)
 
 

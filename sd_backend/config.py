@@ -75,7 +75,8 @@ class DeploymentConfig:
 
     kernels: str = "attention,group_norm,layer_norm,geglu"
     """On the `triton` level: which ops to patch with this project's kernels (comma list,
-    empty for none); each kernel still runs only at shapes where it beat the torch op."""
+    empty for none); each kernel still runs only at shapes where it beat the torch op.
+    `inductor` compiles the UNet with torch.compile (default mode) inside the graphs."""
 
     def __post_init__(self) -> None:
         self.default_scheduler = self.default_scheduler.lower()

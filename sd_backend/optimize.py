@@ -50,10 +50,14 @@ def optimize_unet_stage(stage) -> None:
     elif level == "triton":
         from kernels.patch import patch_model
 
-        ops = tuple(op for op in stage.config.kernels.replace(" ", "").split(",") if op)
+        ops = [op for op in stage.config.kernels.replace(" ", "").split(",") if op]
+        inductor = "inductor" in ops
+        ops = [op for op in ops if op != "inductor"]
         if ops:
-            counts = patch_model(stage.unet, ops=ops)
+            counts = patch_model(stage.unet, ops=tuple(ops))
             log.info("patched UNet with Triton kernels: %s", counts)
+        if inductor:  # inductor's fusions inside our whole-loop graphs (its own graphs off)
+            stage.unet = torch.compile(stage.unet, mode="default", dynamic=False)
         stage.graphs = LoopGraphs(stage)
         stage.graphs.capture_defaults()
 

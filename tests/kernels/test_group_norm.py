@@ -69,7 +69,8 @@ def test_group_norm_3d(transposed, dtype):
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
         assert x.stride(1) == 1
     out = group_norm(x, 32, weight, bias, 1e-6)
-    assert out.stride() == x.stride()
+    # a size-1 dimension has no meaningful stride
+    assert [st for st, n in zip(out.stride(), out.shape) if n > 1] == [st for st, n in zip(x.stride(), x.shape) if n > 1]
     atol, rtol = TOLERANCES[dtype]
     assert_close(out, group_norm_reference(x, 32, weight, bias, 1e-6), atol, rtol, "group_norm 3d")
 
