@@ -87,6 +87,18 @@ GEGLU = [
     ("unet 8x8", (2, 64, 2 * 5120)),
 ]
 
+# (name, shape, shortcut): ResnetBlock2D outputs of the UNet (batch 2, channels_last): conv2's bias,
+# the residual, conv_shortcut's bias where the block changes channels, / output_scale_factor
+BIAS_RESIDUAL = [
+    ("unet resnet 64x64", (2, 320, 64, 64), False),
+    ("unet resnet 32x32", (2, 640, 32, 32), True),
+    ("unet resnet 32x32", (2, 640, 32, 32), False),
+    ("unet resnet 16x16", (2, 1280, 16, 16), True),
+    ("unet resnet 16x16", (2, 1280, 16, 16), False),
+    ("unet resnet 8x8", (2, 1280, 8, 8), False),
+    ("unet up resnet 64x64", (2, 320, 64, 64), True),
+]
+
 # (atol, rtol) against the fp32 reference, as in tests/kernels
 TOLERANCES = {
     "flash_attention": {torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)},
@@ -262,6 +274,42 @@ def bench_geglu(dtype, gen):
     return rows
 
 
+def bench_bias_residual(dtype, gen):
+    from kernels import bias_residual, bias_residual_reference
+
+    tol = TOLERANCES["norm"][dtype]
+    rows = []
+    for name, shape, shortcut in BIAS_RESIDUAL:
+        c = shape[1]
+        x, residual = (
+            torch.randn(shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+            for _ in range(2)
+        )
+        b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+        rb = torch.randn(c, device="cuda", generator=gen).to(dtype) if shortcut else None
+
+        def torch_op(x=x, residual=residual, b=b, rb=rb):
+            # what the unfused block does after conv2: the convolutions' bias adds, the residual add, the divide
+            h = x + b[:, None, None]
+            r = residual + rb[:, None, None] if rb is not None else residual
+            return (r + h) / 1.0
+
+        rows.append(
+            _record(
+                "bias_residual",
+                name,
+                f"{'x'.join(map(str, shape))} channels_last{' +shortcut bias' if shortcut else ''}",
+                lambda x=x, residual=residual, b=b, rb=rb: bias_residual(x, b, residual, rb, 1.0),
+                torch_op,
+                lambda x=x, residual=residual, b=b, rb=rb: bias_residual_reference(x, b, residual, rb, 1.0),
+                tol,
+                {"layout": "channels_last", "shortcut": shortcut},
+            )
+        )
+        del x, residual
+    return rows
+
+
 def dispatch_table(rows, min_speedup, on="eager"):
     """{op: {"name shape": True when the Triton op is within tolerance and at least min_speedup x faster}}.
 
@@ -306,7 +354,9 @@ def main(argv=None):
         "--dispatch-on", choices=("eager", "graph"), default="eager", help="which timings decide the dispatch table"
     )
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
-    parser.add_argument("--ops", default="flash_attention,group_norm,layer_norm,geglu", help="comma-separated subset")
+    parser.add_argument(
+        "--ops", default="flash_attention,group_norm,layer_norm,geglu,bias_residual", help="comma-separated subset"
+    )
     args = parser.parse_args(argv)
     global GRAPHS
     GRAPHS = not args.no_graphs
@@ -326,6 +376,7 @@ def main(argv=None):
         "group_norm": bench_group_norm,
         "layer_norm": bench_layer_norm,
         "geglu": bench_geglu,
+        "bias_residual": bench_bias_residual,
     }
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in benches]

@@ -1,14 +1,16 @@
 """Triton kernels for the Stable Diffusion 1.x/2.x UNet, VAE and CLIP.
 
 One op per module, each with a launcher and a plain-torch `<op>_reference`:
-flash_attention, group_norm (with fused SiLU), layer_norm, geglu. `kernels.patch` swaps
-them into a diffusers model.
+flash_attention, group_norm (with fused SiLU and pre-add), layer_norm, geglu,
+bias_residual. `kernels.patch` swaps them into a diffusers model.
 
 The ops need OpenAI Triton. Without it this package still imports (so that
 `kernels.patch` works and falls back to torch off CUDA); using an op raises ImportError.
 """
 
 __all__ = [
+    "bias_residual",
+    "bias_residual_reference",
     "flash_attention",
     "flash_attention_reference",
     "geglu",
@@ -20,6 +22,7 @@ __all__ = [
 ]
 
 try:
+    from .bias_residual import bias_residual, bias_residual_reference
     from .flash_attention import flash_attention, flash_attention_reference
     from .geglu import geglu, geglu_reference
     from .group_norm import group_norm, group_norm_reference

@@ -8,6 +8,10 @@ C / G. For sample n and group g, over its (C / G) * S elements:
     y    = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]
     y    = y * sigmoid(y)                      (activation="silu")
 
+An optional pre_add (N, C) is added to x per (sample, channel) as it is loaded, before the
+statistics: the op is then group_norm(x + pre_add[:, :, None, None]). A ResNet block passes
+conv1's bias plus its time embedding there, so neither needs its own pass over x.
+
 Small groups (a (C/G, S) tile of at most 8192 elements) take one program each and one
 launch. Large groups (SD's 320 x 64 x 64 has 40960 elements a group but only N * 32
 groups) are split into chunks of S so that the GPU fills: a stats kernel writes each
@@ -37,10 +41,12 @@ _MAX_PARTIALS_BLOCK = 1024
 @triton.jit
 def _load_group_tile(
     X,  # input base pointer
+    P,  # pre_add (N, C), or a dummy when HAS_PRE_ADD is False
     stride_xn, stride_xc, stride_xs,  # input strides over (N, C, S), in elements
+    stride_pn, stride_pc,  # pre_add strides, in elements
     n, g, chunk,  # sample, group and chunk of S of this tile
     S,
-    GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_PRE_ADD: tl.constexpr,
 ):
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -48,26 +54,36 @@ def _load_group_tile(
     # int64 sample offset; offsets inside one sample fit int32 (checked by the launcher)
     base = X + n.to(tl.int64) * stride_xn + (g * GROUP_C).to(tl.int64) * stride_xc
     x = tl.load(base + offs_c[:, None] * stride_xc + offs_s[None, :] * stride_xs, mask=mask, other=0.0)
-    return x.to(tl.float32), offs_c, offs_s, mask
+    x = x.to(tl.float32)
+    if HAS_PRE_ADD:
+        p_base = P + n.to(tl.int64) * stride_pn + (g * GROUP_C).to(tl.int64) * stride_pc
+        p = tl.load(p_base + offs_c * stride_pc, mask=offs_c < GROUP_C, other=0.0).to(tl.float32)
+        # masked elements stay 0: the statistics sum the whole tile
+        x = tl.where(mask, x + p[:, None], 0.0)
+    return x, offs_c, offs_s, mask
 
 
 @triton.jit
 def _group_norm_stats_kernel(
     X,  # input (N, C, S), any strides
+    P,  # pre_add (N, C), or a dummy when HAS_PRE_ADD is False
     MEAN,  # out: fp32 (N * G, num_chunks), mean of each chunk
     M2,  # out: fp32 (N * G, num_chunks), sum of squared deviations from the chunk mean
     stride_xn, stride_xc, stride_xs,  # input strides, in elements
+    stride_pn, stride_pc,  # pre_add strides, in elements
     num_groups, S, num_chunks,
     GROUP_C: tl.constexpr,  # channels per group, C / G (constexpr: lets channels_last loads vectorize)
     BLOCK_C: tl.constexpr,  # next power of two >= C / G
     BLOCK_S: tl.constexpr,  # chunk length along S
+    HAS_PRE_ADD: tl.constexpr,
 ):
     pid_ng = tl.program_id(0)
     chunk = tl.program_id(1)
     n = pid_ng // num_groups
     g = pid_ng % num_groups
     x, offs_c, offs_s, mask = _load_group_tile(
-        X, stride_xn, stride_xc, stride_xs, n, g, chunk, S, GROUP_C, BLOCK_C, BLOCK_S
+        X, P, stride_xn, stride_xc, stride_xs, stride_pn, stride_pc, n, g, chunk, S,
+        GROUP_C, BLOCK_C, BLOCK_S, HAS_PRE_ADD,
     )
     count = (GROUP_C * tl.minimum(S - chunk * BLOCK_S, BLOCK_S)).to(tl.float32)
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
@@ -83,9 +99,11 @@ def _group_norm_fwd_kernel(
     Y,  # output (N, C, S), any strides
     W,  # weight (C,), or a dummy when HAS_WEIGHT is False
     B,  # bias (C,), or a dummy when HAS_BIAS is False
+    P,  # pre_add (N, C), any strides, or a dummy when HAS_PRE_ADD is False
     MEAN, M2,  # per-chunk statistics from the stats kernel; unused when SINGLE_CHUNK
     stride_xn, stride_xc, stride_xs,  # input strides, in elements
     stride_yn, stride_yc, stride_ys,  # output strides, in elements
+    stride_pn, stride_pc,  # pre_add strides, in elements
     num_groups, S, num_chunks,
     inv_count,  # 1 / ((C / G) * S)
     eps,
@@ -96,6 +114,7 @@ def _group_norm_fwd_kernel(
     SINGLE_CHUNK: tl.constexpr,  # the whole group is this program's tile
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_PRE_ADD: tl.constexpr,
     SILU: tl.constexpr,
 ):
     pid_ng = tl.program_id(0)
@@ -103,7 +122,8 @@ def _group_norm_fwd_kernel(
     n = pid_ng // num_groups
     g = pid_ng % num_groups
     x, offs_c, offs_s, mask = _load_group_tile(
-        X, stride_xn, stride_xc, stride_xs, n, g, chunk, S, GROUP_C, BLOCK_C, BLOCK_S
+        X, P, stride_xn, stride_xc, stride_xs, stride_pn, stride_pc, n, g, chunk, S,
+        GROUP_C, BLOCK_C, BLOCK_S, HAS_PRE_ADD,
     )
     if SINGLE_CHUNK:
         mean = tl.sum(tl.sum(x, axis=1), axis=0) * inv_count
@@ -163,11 +183,12 @@ def _as_ncs(x):
         return x.contiguous().view(n, c, -1)
 
 
-def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
-    """F.group_norm(x, num_groups, weight, bias, eps), then SiLU when activation == "silu".
+def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=None):
+    """F.group_norm(x + pre_add[:, :, None, None], num_groups, weight, bias, eps), then SiLU when activation == "silu".
 
     x: (N, C, *spatial), e.g. (N, C, H, W) contiguous or channels_last, or (N, C, L);
-    float16, bfloat16 or float32. weight, bias: (C,) or None. Statistics in fp32.
+    float16, bfloat16 or float32. weight, bias: (C,) or None. pre_add: (N, C) of any
+    floating dtype and strides (read as fp32), or None. Statistics in fp32.
     Returns a tensor of x's shape, dtype and memory format.
     """
     if not isinstance(x, torch.Tensor):
@@ -198,6 +219,14 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         if not t.dtype.is_floating_point:
             raise ValueError(f"group_norm: {name}.dtype is {t.dtype}; allowed: a floating dtype")
         _check_device(name, t, x.device)
+    N = x.shape[0]
+    if pre_add is not None:
+        if not isinstance(pre_add, torch.Tensor) or pre_add.shape != (N, C):
+            shape = tuple(pre_add.shape) if isinstance(pre_add, torch.Tensor) else type(pre_add).__name__
+            raise ValueError(f"group_norm: pre_add is {shape}; allowed: None or a tensor of shape ({N}, {C})")
+        if not pre_add.dtype.is_floating_point:
+            raise ValueError(f"group_norm: pre_add.dtype is {pre_add.dtype}; allowed: a floating dtype")
+        _check_device("pre_add", pre_add, x.device)
 
     x3 = _as_ncs(x)  # (N, C, S)
     N, _, S = x3.shape
@@ -210,6 +239,8 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    p = pre_add if pre_add is not None else x3  # a dummy when absent
+    stride_p = pre_add.stride() if pre_add is not None else (0, 0)
 
     block_c = triton.next_power_of_2(group_channels)
     single = block_c * triton.next_power_of_2(S) <= _MAX_SINGLE_TILE
@@ -223,17 +254,19 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         mean = torch.empty((N * num_groups, num_chunks), dtype=torch.float32, device=x.device)
         m2 = torch.empty_like(mean)
         _group_norm_stats_kernel[grid](
-            x3, mean, m2,
-            *x3.stride(),
+            x3, p, mean, m2,
+            *x3.stride(), *stride_p,
             num_groups, S, num_chunks,
-            GROUP_C=group_channels, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+            GROUP_C=group_channels, BLOCK_C=block_c, BLOCK_S=block_s, HAS_PRE_ADD=pre_add is not None,
+            num_warps=num_warps,
         )
     _group_norm_fwd_kernel[grid](
         x3, y3,
         weight if weight is not None else x3,
         bias if bias is not None else x3,
+        p,
         mean, m2,
-        *x3.stride(), *y3.stride(),
+        *x3.stride(), *y3.stride(), *stride_p,
         num_groups, S, num_chunks,
         1.0 / (group_channels * S), float(eps),
         GROUP_C=group_channels,
@@ -243,15 +276,19 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
         SINGLE_CHUNK=single,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        HAS_PRE_ADD=pre_add is not None,
         SILU=activation == "silu",
         num_warps=num_warps,
     )
     return y3.view(x.shape)
 
 
-def group_norm_reference(x, num_groups, weight, bias, eps=1e-5, activation=None):
-    """F.group_norm (+ F.silu) in fp32; returns fp32."""
+def group_norm_reference(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=None):
+    """x + pre_add, then F.group_norm (+ F.silu), in fp32; returns fp32."""
     w = weight.float() if weight is not None else None
     b = bias.float() if bias is not None else None
-    y = torch.nn.functional.group_norm(x.float(), num_groups, w, b, eps)
+    x = x.float()
+    if pre_add is not None:
+        x = x + pre_add.float().reshape(*pre_add.shape, *([1] * (x.dim() - 2)))
+    y = torch.nn.functional.group_norm(x, num_groups, w, b, eps)
     return torch.nn.functional.silu(y) if activation == "silu" else y

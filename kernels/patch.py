@@ -7,7 +7,10 @@ Patched modules keep their parameters, buffers, state_dict keys and hooks: norms
 GEGLU get a subclass of their own class (an in-place class swap), attention modules get
 a new processor. Each patched forward runs the Triton kernel only when it can (CUDA
 input, a supported dtype, no autograd needed) and the torch op it replaces otherwise, so
-on CPU a patched model computes exactly what the unpatched one does.
+on CPU a patched model computes exactly what the unpatched one does. With "group_norm",
+ResnetBlock2D blocks also run their tail through group_norm's pre_add (conv1's bias and the
+time embedding) and bias_residual (conv2's and conv_shortcut's biases, the residual, the
+output scale).
 
 Triton is imported on first use of a kernel, not here: without it this module imports
 and CPU models work.
@@ -253,8 +256,31 @@ class TritonGEGLU(GEGLU):
         return hidden_states * self.gelu(gate)
 
 
+def _plain_conv(conv):
+    # exactly nn.Conv2d with zero padding and no hooks, so F.conv2d on its weight is its forward
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not conv._forward_hooks
+        and not conv._forward_pre_hooks
+    )
+
+
+def _conv_no_bias(conv, x):
+    """conv(x) without conv.bias: the bias is added later, in the kernel that reads the output."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class TritonResnetBlock2D(ResnetBlock2D):
-    """ResnetBlock2D (diffusers 0.42) with norm1 -> SiLU, and norm2 -> SiLU when nothing sits between, as one op.
+    """ResnetBlock2D (diffusers 0.42) with norm1 -> SiLU as one op, and its tail fused on the kernel device.
+
+    The tail (time_embedding_norm "default", dropout a no-op, plain convolutions) becomes
+    conv1 without bias; group_norm of it with pre_add = conv1.bias + time embedding, and
+    SiLU; conv2 and conv_shortcut without bias; bias_residual adding both biases, the
+    residual and dividing by output_scale_factor. That drops the bias, time-embedding add,
+    residual add and divide passes over the activations. Elsewhere (CPU, autograd,
+    SD_KERNEL_DISPATCH=never, other configurations) the tail is diffusers' own, with
+    norm2 -> SiLU as one op when nothing sits between.
 
     Set by patch_norms only on blocks whose nonlinearity is nn.SiLU and whose norms are
     TritonGroupNorm.
@@ -274,6 +300,84 @@ class TritonResnetBlock2D(ResnetBlock2D):
             input_tensor = self.downsample(input_tensor)
             hidden_states = self.downsample(hidden_states)
 
+        if self._can_fuse_tail(hidden_states, input_tensor, temb):
+            return dispatch.run(
+                (
+                    "resnet_tail",
+                    tuple(hidden_states.shape),
+                    hidden_states.stride(),
+                    hidden_states.dtype,
+                    tuple(self.conv1.weight.shape),
+                    tuple(self.conv2.weight.shape),
+                    self.conv_shortcut is not None,
+                ),
+                lambda: self._fused_tail(hidden_states, input_tensor, temb),
+                lambda: self._torch_tail(hidden_states, input_tensor, temb),
+                hidden_states.device,
+            )
+        return self._torch_tail(hidden_states, input_tensor, temb)
+
+    def _can_fuse_tail(self, hidden_states, input_tensor, temb):
+        convs = (self.conv1, self.conv2) + ((self.conv_shortcut,) if self.conv_shortcut is not None else ())
+        return (
+            self.time_embedding_norm == "default"
+            # a temb without time_emb_proj (added as is) or the reverse (an error) stays on diffusers' path
+            and (temb is None) == (self.time_emb_proj is None)
+            and (temb is None or temb.dim() == 2)  # (N, temb_channels)
+            and isinstance(self.dropout, nn.Dropout)
+            and (self.dropout.p == 0 or not self.training)
+            and all(_plain_conv(conv) for conv in convs)
+            and _is_kernel_device(hidden_states)
+            and _is_kernel_device(input_tensor)
+            and hidden_states.dim() == 4
+            and hidden_states.dtype in _NORM_DTYPES
+            and self.norm2.num_channels // self.norm2.num_groups <= _MAX_GROUP_CHANNELS
+            # is_grad_enabled first: no walk over the parameters on the inference path
+            and (not torch.is_grad_enabled() or _no_autograd(hidden_states, input_tensor, temb, *self.parameters()))
+        )
+
+    def _fused_tail(self, hidden_states, input_tensor, temb):
+        from kernels import bias_residual, group_norm
+
+        hidden_states = _conv_no_bias(self.conv1, hidden_states)  # (N, C, H, W), no bias yet
+        n, c = hidden_states.shape[:2]
+
+        if temb is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)  # (N, C)
+        pre_add = self.conv1.bias[None, :] if self.conv1.bias is not None else None
+        if temb is not None:
+            pre_add = temb if pre_add is None else pre_add + temb
+        if pre_add is not None:
+            pre_add = pre_add.expand(n, c)  # (N, C); a batch-1 temb broadcasts as in the torch tail
+
+        norm = self.norm2
+        hidden_states = group_norm(
+            hidden_states, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", pre_add=pre_add
+        )
+        hidden_states = _conv_no_bias(self.conv2, hidden_states)
+
+        residual_bias = None
+        if self.conv_shortcut is not None:
+            if self.training:
+                input_tensor = input_tensor.contiguous()
+            residual_bias = self.conv_shortcut.bias
+            input_tensor = _conv_no_bias(self.conv_shortcut, input_tensor)
+        fmt = torch.contiguous_format if hidden_states.is_contiguous() else torch.channels_last
+        if not input_tensor.is_contiguous(memory_format=fmt):
+            # e.g. the NCHW input of a large-batch upsampling block against a channels_last conv output
+            input_tensor = input_tensor.contiguous(memory_format=fmt)
+
+        return bias_residual(
+            hidden_states,
+            self.conv2.bias,
+            residual=input_tensor,
+            residual_bias=residual_bias,
+            scale=self.output_scale_factor,
+        )
+
+    def _torch_tail(self, hidden_states, input_tensor, temb):
         hidden_states = self.conv1(hidden_states)
 
         if self.time_emb_proj is not None:

@@ -59,6 +59,46 @@ def test_group_norm_matches_reference(n, c, h, w, groups, channels_last, activat
     assert_close(out, expected, atol, rtol, f"group_norm {tuple(x.shape)} G={groups} {activation}")
 
 
+if ON_CUDA:
+    # the ResNet norm2 inputs of the UNet (conv1 output + bias + time embedding), single-tile and split
+    PRE_ADD_SHAPES = [(2, c, hw, hw, 32) for c, hw in ((320, 64), (640, 32), (1280, 16), (1280, 8))]
+    PRE_ADD_SHAPES += [(16, 320, 64, 64, 32), (3, 96, 17, 23, 32)]
+else:
+    PRE_ADD_SHAPES = [(2, 64, 8, 8, 32), (1, 64, 33, 33, 8), (2, 64, 5, 7, 32)]
+
+
+@pytest.mark.parametrize("pre_add_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,groups", PRE_ADD_SHAPES)
+def test_group_norm_pre_add(n, c, h, w, groups, channels_last, dtype, pre_add_dtype):
+    """group_norm(x, pre_add=p) == group_norm(x + p[:, :, None, None]), p added in fp32 before the statistics."""
+    x, weight, bias = _inputs(n, c, (h, w), dtype, seed=5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    # large enough to move each channel's mean well away from the others
+    pre_add = (torch.randn(n, c, generator=g, device=DEVICE) * 4).to(pre_add_dtype)
+    out = group_norm(x, groups, weight, bias, 1e-5, activation="silu", pre_add=pre_add)
+    assert out.dtype == dtype and out.shape == x.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} lost the input's memory format"
+    atol, rtol = TOLERANCES[dtype]
+    expected = group_norm_reference(x, groups, weight, bias, 1e-5, "silu", pre_add=pre_add)
+    assert_close(out, expected, atol, rtol, f"group_norm pre_add {tuple(x.shape)} G={groups}")
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (33, 33)], ids=["single_tile", "split"])
+def test_group_norm_pre_add_broadcast_view(spatial):
+    """A stride-0 (N, C) pre_add (one time embedding expanded over the batch) is read through its strides."""
+    x, weight, bias = _inputs(3, 64, spatial, torch.float32, seed=7)
+    row = torch.randn(1, 64, device=DEVICE) + 2.0
+    pre_add = row.expand(3, 64)
+    out = group_norm(x, 8, weight, bias, 1e-5, pre_add=pre_add)
+    expected = group_norm_reference(x + row[:, :, None, None], 8, weight, bias, 1e-5)
+    assert_close(out, expected, 1e-4, 1e-4, "group_norm pre_add expanded")
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["ncl", "vae_attention_view"])
 def test_group_norm_3d(transposed, dtype):
@@ -105,6 +145,8 @@ def test_group_norm_strided_input():
         ("weight_shape", "weight"),
         ("float64", "x.dtype"),
         ("1d", "x.shape"),
+        ("pre_add_shape", "pre_add"),
+        ("pre_add_int", "pre_add.dtype"),
     ],
 )
 def test_group_norm_rejects(case, match):
@@ -120,5 +162,10 @@ def test_group_norm_rejects(case, match):
         x = x.double()
     elif case == "1d":
         x = x.flatten()
+    pre_add = None
+    if case == "pre_add_shape":
+        pre_add = torch.zeros(1, 32, device=DEVICE)
+    elif case == "pre_add_int":
+        pre_add = torch.zeros(1, 64, device=DEVICE, dtype=torch.int32)
     with pytest.raises(ValueError, match=match):
-        group_norm(x, groups, weight, bias, 1e-5, activation=activation)
+        group_norm(x, groups, weight, bias, 1e-5, activation=activation, pre_add=pre_add)

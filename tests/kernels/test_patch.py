@@ -139,11 +139,13 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch):
         def wrapper(*args, **kwargs):
             key = name + ("+silu" if kwargs.get("activation") == "silu" else "")
             calls[key] = calls.get(key, 0) + 1
+            if kwargs.get("pre_add") is not None:  # the fused ResnetBlock2D tail
+                calls[name + "+pre_add"] = calls.get(name + "+pre_add", 0) + 1
             return fn(*args, **kwargs)
 
         return wrapper
 
-    for name in ("flash_attention", "group_norm", "layer_norm", "geglu"):
+    for name in ("flash_attention", "group_norm", "layer_norm", "geglu", "bias_residual"):
         monkeypatch.setattr(kernels, name, counted(name))
     # CPU tensors count as kernel tensors, and fp32 attention takes the kernel too
     monkeypatch.setattr(patch, "_is_kernel_device", lambda t: True)
@@ -157,7 +159,10 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch):
     assert_close(_run_unet(patched_unet, inputs), _run_unet(unet, inputs), 1e-4, 1e-4, "tiny unet")
     latents = _latents("cpu", torch.float32)
     assert_close(_run_vae(patched_vae, latents), _run_vae(vae, latents), 1e-4, 1e-4, "tiny vae decode")
-    for key in ("flash_attention", "group_norm", "group_norm+silu", "layer_norm", "geglu"):
+    # group_norm+pre_add and bias_residual: the fused ResnetBlock2D tail ran
+    for key in (
+        "flash_attention", "group_norm", "group_norm+silu", "group_norm+pre_add", "layer_norm", "geglu", "bias_residual"
+    ):
         assert calls.get(key, 0) > 0, f"{key} never ran: {calls}"
 
 
