@@ -368,6 +368,8 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     default_name = f"{device_name.replace(' ', '-')}-kernels-{date}.json"
     out = args.out or os.path.join(ROOT, "benchmarks", "results", default_name)
+    if os.path.isdir(out):  # a directory: the default file name inside it
+        out = os.path.join(out, default_name)
 
     import triton
 

@@ -3,15 +3,16 @@
 `SD_KERNEL_DISPATCH`:
 - `always` (default): the Triton kernel at every shape it supports.
 - `measure`: the first time a patched module meets a shape (during warm-up, before any
-  CUDA graph capture), both paths are timed alone with CUDA events and the faster is
-  kept for that shape.
+  CUDA graph capture), both paths are captured in a small CUDA graph and timed by
+  replay, and the faster is kept for that shape.
 - `never`: the torch ops (the patched model computes what the unpatched one does).
 
-Why `always` is the default: timed alone, torch's GroupNorm, LayerNorm and small
-attentions often win, but chosen that way the whole SD 1.5 loop got slower on an H200
-(0.557 s against 0.422 s per image, benchmarks/results/runs/*dispatch-ab*): an op timed
-alone on a warm, L2-resident input does not see the layout copies and cache traffic it
-causes around it in the network.
+Why `always` is the default: the first `measure` timed eager calls, so each Triton
+kernel was charged its Python launch cost, which the loop's CUDA graph never pays;
+torch's ops then won most shapes and the SD 1.5 loop got slower on an H200 (0.557 s
+against 0.422 s per image, benchmarks/results/runs/*dispatch-ab*). Timed by graph
+replay (benchmarks/bench_kernels.py's "graph" columns) the kernels win nearly every SD
+shape, so `always` loses little; `measure` now times replays too.
 """
 
 from __future__ import annotations
@@ -34,11 +35,24 @@ def _mode() -> str:
 
 
 def _time_ms(fn: Callable) -> float:
+    """GPU time of fn() replayed from a CUDA graph, as it will run inside the loop's graph.
+
+    Timing eager calls would charge each Triton kernel its Python launcher (~30 us on the
+    GPU host), which a graph replay never pays: that made the eager-timed choice slower.
+    """
     fn()  # warm-up: compiles and autotunes Triton kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        for _ in range(_REPEATS):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(_REPEATS):
-        fn()
+    graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / _REPEATS
