@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 path, result = future.result()
             except Exception as err:  # noqa: BLE001 - report each failed request and go on
                 failures += 1
-                progress.write(f"error: {getattr(err, 'message', lambda: str(err))()}")
+                message = err.message() if callable(getattr(err, "message", None)) else str(err)
+                progress.write(f"error: {message}")
             else:
                 note = f" ({result.prompt_tokens_dropped} prompt tokens past 77 were dropped)" if result.prompt_tokens_dropped else ""
                 progress.write(f"wrote {path}  seed={result.seed}  latency={result.latency_s:.2f}s{note}")

@@ -45,6 +45,13 @@ def resolve_dtype(config: DeploymentConfig, device) -> Any:
     return getattr(torch, _DTYPES[config.dtype])
 
 
+def placement(config: DeploymentConfig, instance_device: str | None = None) -> tuple[str, Any, Any]:
+    """(where to load from, torch device, torch dtype) for one stage of a deployment."""
+    source = resolve_model(config)
+    device = resolve_device(config, instance_device)
+    return source, device, resolve_dtype(config, device)
+
+
 def _hub_kwargs() -> dict[str, Any]:
     token = os.environ.get("HF_TOKEN")
     return {"token": token} if token else {}

@@ -90,84 +90,61 @@ def _write_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
-def _build_tiny(vocab_size: int, eos_id: int, bos_id: int):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
-        )
-    )
-    return unet, vae, text_encoder
-
-
-def _build_sd15(eos_id: int, bos_id: int):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+# Constructor arguments of each offline model's UNet, VAE and CLIP text model
+# (SD 1.5's for `sd15-random`; the VAE blocks match SD's, so pixels/latent is 8 in both).
+_VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+_ARCHITECTURES = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "sd15-random": dict(
+        unet=dict(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        text=dict(
             vocab_size=49408,
             hidden_size=768,
             intermediate_size=3072,
             num_hidden_layers=12,
             num_attention_heads=12,
-            max_position_embeddings=77,
             hidden_act="quick_gelu",
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
+        ),
+    ),
+}
+
+
+def _build(name: str, vocab_size: int, eos_id: int, bos_id: int):
+    """UNet, VAE and text encoder of offline model `name`, each from a fixed seed."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = _ARCHITECTURES[name]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**arch["unet"])
+    torch.manual_seed(1)
+    vae = AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"])
+    torch.manual_seed(2)
+    text = dict(vocab_size=vocab_size) | arch["text"]  # sd15-random keeps CLIP's full vocabulary size
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            max_position_embeddings=77, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, **text
         )
     )
     return unet, vae, text_encoder
@@ -193,7 +170,7 @@ def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
         vocab_size = _write_tokenizer(staging / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(str(staging / "tokenizer"))
         ids = (tokenizer.eos_token_id, tokenizer.bos_token_id)
-        unet, vae, text_encoder = _build_tiny(vocab_size, *ids) if name == "tiny" else _build_sd15(*ids)
+        unet, vae, text_encoder = _build(name, vocab_size, *ids)
         pipeline = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from .params import GenerationParams
 from .schedulers import make_scheduler, step_kwargs
@@ -145,8 +145,6 @@ class CapturedLoop:
 
     def run(self, latents, embeds, guidance, generators: Sequence):
         """Replay for n <= bucket images; returns (n, 4, h, w)."""
-        import torch
-
         n = latents.shape[0]
         self.latents[:n].copy_(latents)
         if n < self.bucket:  # pad the bucket with copies of the first image (their output is dropped)

@@ -49,9 +49,7 @@ class TextEncoderStage:
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
-        source = loading.resolve_model(config)
-        device = loading.resolve_device(config, instance_device)
-        dtype = loading.resolve_dtype(config, device)
+        source, device, dtype = loading.placement(config, instance_device)
         return cls(loading.load_tokenizer(source), loading.load_text_encoder(source, device, dtype), device)
 
     def count_dropped_tokens(self, prompt: str) -> int:
@@ -137,9 +135,7 @@ class UNetStage:
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "UNetStage":
-        source = loading.resolve_model(config)
-        device = loading.resolve_device(config, instance_device)
-        dtype = loading.resolve_dtype(config, device)
+        source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
         stage = cls(config, unet, loading.load_scheduler_config(source), loading.vae_scale_factor(source), device, dtype)
         if config.opt_level != "eager":
@@ -154,8 +150,6 @@ class UNetStage:
 
     def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
         """One latent tensor (1, 4, h, w) per job, in order."""
-        import torch
-
         results: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -202,9 +196,7 @@ class VAEStage:
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
-        source = loading.resolve_model(config)
-        device = loading.resolve_device(config, instance_device)
-        dtype = loading.resolve_dtype(config, device)
+        source, device, dtype = loading.placement(config, instance_device)
         return cls(loading.load_vae(source, device, dtype), device, dtype)
 
     def __call__(self, latents: Sequence[Any]) -> list[Any]:

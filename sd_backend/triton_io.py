@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 
 def read_text(pb, request, name: str, required: bool = False) -> str | None:
     """A BYTES input of one element as text; ValueError for absent-but-required or bad UTF-8."""
@@ -91,6 +89,14 @@ def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Calla
             for i, item, result in zip(where, parsed, results):
                 responses[i] = reply(item, result)
     return responses
+
+
+def load_stage(stage_class, args):
+    """A stage built from the model's config.pbtxt parameters (and SD_* overrides), placed
+    on the device Triton gave this model instance."""
+    from .config import DeploymentConfig
+
+    return stage_class.from_config(DeploymentConfig.from_triton_args(args), instance_device(args))
 
 
 def instance_device(args) -> str | None:

@@ -11,14 +11,12 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
-from sd_backend.config import DeploymentConfig
 from sd_backend.stages import TextEncoderStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = DeploymentConfig.from_triton_args(args)
-        self.stage = TextEncoderStage.from_config(config, io.instance_device(args))
+        self.stage = io.load_stage(TextEncoderStage, args)
 
     def execute(self, requests):
         def parse(request):

@@ -11,7 +11,6 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
-from sd_backend.config import DeploymentConfig
 from sd_backend.stages import DenoiseJob, UNetStage
 
 _NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
@@ -19,8 +18,7 @@ _NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEI
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = DeploymentConfig.from_triton_args(args)
-        self.stage = UNetStage.from_config(config, io.instance_device(args))
+        self.stage = io.load_stage(UNetStage, args)
 
     def execute(self, requests):
         def parse(request):

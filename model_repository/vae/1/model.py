@@ -10,14 +10,12 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
-from sd_backend.config import DeploymentConfig
 from sd_backend.stages import VAEStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = DeploymentConfig.from_triton_args(args)
-        self.stage = VAEStage.from_config(config, io.instance_device(args))
+        self.stage = io.load_stage(VAEStage, args)
 
     def execute(self, requests):
         def parse(request):
