@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from .config import OPT_LEVELS
-from .launcher import DEFAULT_MODEL_REPOSITORY, ServerOptions, TritonServer
+from .launcher import ADMIN_HEADER, DEFAULT_MODEL_REPOSITORY, ServerOptions, TritonServer
 from .offline import OFFLINE_MODELS, write_offline_model
 
 
@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         extra_args=args.tritonserver_args,
     )
+    if args.open_admin_api:
+        options.admin_key = None
     server = TritonServer(options)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,7 +50,14 @@ def _serve(args: argparse.Namespace) -> int:
                 return 1
         print(
             f"sd-triton: ready\n  gRPC     {server.grpc_url}\n  HTTP     http://{server.http_url}\n"
-            f"  metrics  {server.metrics_url}\n  try: sd-client \"a photo of a cat\" -o cat.png --url {server.grpc_url}",
+            f"  metrics  {server.metrics_url}\n"
+            + (
+                f"  model-control/shared-memory/trace/logging APIs need the header "
+                f"'{ADMIN_HEADER}: {options.admin_key}' (--open-admin-api opens them)\n"
+                if options.admin_key
+                else "  model-control/shared-memory/trace/logging APIs are open\n"
+            )
+            + f"  try: sd-client \"a photo of a cat\" -o cat.png --url {server.grpc_url}",
             flush=True,
         )
         while not stop.wait(0.5):
@@ -88,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument(
+        "--open-admin-api",
+        action="store_true",
+        help="leave model control, shared memory, trace and logging open (default: they need the admin header)",
+    )
     serve.add_argument("tritonserver_args", nargs="*", help="after --: passed to tritonserver as they are")
     serve.set_defaults(func=_serve)
 

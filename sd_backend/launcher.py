@@ -12,6 +12,7 @@ this interpreter's `bin` goes first on PATH.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "sd-admin-key"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
@@ -41,6 +44,9 @@ class ServerOptions:
     log_verbose: int = 0
     exit_timeout_s: int = 30
     python_shm_mb: int = 64  # Python-backend shared memory per model (a 1024x1024 image is 3 MB)
+    # Model control, shared-memory, trace and logging APIs answer only requests that carry
+    # the header `sd-admin-key: <admin_key>` (random per start unless set); None opens them.
+    admin_key: str | None = field(default_factory=lambda: os.environ.get("SD_TRITON_ADMIN_KEY") or secrets.token_urlsafe(18))
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -111,6 +117,9 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--backend-config=python,shm-default-byte-size={options.python_shm_mb * 1024 * 1024}",
     ]
+    if options.admin_key is not None:
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={options.admin_key}"
+        command += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
     if backend_dir is not None:
         command.append(f"--backend-directory={backend_dir}")
     return command + options.extra_args

@@ -38,10 +38,20 @@ class GenerationParams:
         return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance)
 
 
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{field}: {value!r} is not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{field}: {value!r} is not a number") from None
+
+
 def _as_int(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not float(value).is_integer():
+    number = _as_float(field, value)
+    if not number.is_integer():
         raise ValueError(f"{field}: {value!r} is not an integer")
-    return int(value)
+    return int(value) if isinstance(value, int) else int(number)
 
 
 def check_params(
@@ -70,7 +80,7 @@ def check_params(
     if not 1 <= steps <= config.max_steps:
         raise ValueError(f"STEPS: {steps} is out of range; allowed 1..{config.max_steps}")
 
-    guidance = config.default_guidance if guidance is None else float(guidance)
+    guidance = config.default_guidance if guidance is None else _as_float("GUIDANCE_SCALE", guidance)
     if not math.isfinite(guidance):
         raise ValueError(f"GUIDANCE_SCALE: {guidance} is not a finite number; allowed 0..{config.max_guidance}")
     if not 0.0 <= guidance <= config.max_guidance:
@@ -91,7 +101,9 @@ def check_params(
     scheduler = config.default_scheduler if scheduler is None else scheduler
     if isinstance(scheduler, bytes):
         scheduler = scheduler.decode("utf-8", errors="replace")
-    name = str(scheduler).strip().lower()
+    if not isinstance(scheduler, str):
+        raise ValueError(f"SCHEDULER: {scheduler!r} is not text; allowed {', '.join(SCHEDULER_NAMES)}")
+    name = scheduler.strip().lower()
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"SCHEDULER: {scheduler!r} is not known; allowed {', '.join(SCHEDULER_NAMES)}")
 

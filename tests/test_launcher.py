@@ -21,3 +21,5 @@ def test_server_binds_loopback_by_default(tmp_path):
     assert "--http-address=127.0.0.1" in command
     assert "--grpc-address=127.0.0.1" in command
     assert "--metrics-address=127.0.0.1" in command
+    restricted = [arg for arg in command if arg.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
+    assert len(restricted) == 2 and all("model-repository,shared-memory" in arg for arg in restricted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -214,3 +215,24 @@ def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
     assert rows[0].startswith("Concurrency,Inferences/Second")
     throughputs = [float(row.split(",")[1]) for row in rows[1:]]
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs), rows
+
+
+def test_admin_apis_need_the_admin_header(server):
+    import urllib.error
+    import urllib.request
+
+    from sd_backend.launcher import ADMIN_HEADER
+
+    url = f"http://{server.http_url}/v2/repository/index"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=10)
+    assert info.value.code == 403
+    request = urllib.request.Request(
+        url, data=b"{}", method="POST", headers={ADMIN_HEADER: server.options.admin_key}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        names = {model["name"] for model in json.loads(reply.read())}
+    assert {"stable_diffusion", "text_encoder", "unet", "vae"} <= names
+    # inference, health, metadata and statistics stay open
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/unet/stats", timeout=10) as reply:
+        assert reply.status == 200
