@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from sd_backend.launcher import ServerOptions, find_tritonserver, prepare_backend_dir, server_command
 
 
@@ -23,3 +25,37 @@ def test_server_binds_loopback_by_default(tmp_path):
     assert "--metrics-address=127.0.0.1" in command
     restricted = [arg for arg in command if arg.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
     assert len(restricted) == 2 and all("model-repository,shared-memory" in arg for arg in restricted)
+
+
+def test_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir, tiny_dir):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from sd_backend.demo import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    env = dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sd_backend.cli", "serve", "--http-port", ports[0], "--grpc-port", ports[1],
+         "--metrics-port", ports[2]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("  try:"):
+            break
+    output = "".join(lines)
+    assert f"gRPC     127.0.0.1:{ports[1]}" in output, output[-3000:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=90) == 0
+    with pytest.raises(OSError):  # the port is free again: the server is gone
+        import socket
+
+        socket.create_connection(("127.0.0.1", int(ports[1])), timeout=2)
