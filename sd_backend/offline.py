@@ -93,7 +93,7 @@ def _write_tokenizer(directory: Path) -> int:
 # Constructor arguments of each offline model's UNet, VAE and CLIP text model
 # (SD 1.5's for `sd15-random`; the VAE blocks match SD's, so pixels/latent is 8 in both).
 _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-_ARCHITECTURES = {
+ARCHITECTURES = {
     "tiny": dict(
         unet=dict(
             sample_size=8,
@@ -135,7 +135,7 @@ def _build(name: str, vocab_size: int, eos_id: int, bos_id: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    arch = _ARCHITECTURES[name]
+    arch = ARCHITECTURES[name]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**arch["unet"])
     torch.manual_seed(1)

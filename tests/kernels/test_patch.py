@@ -26,19 +26,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def _tiny_unet():
+    from sd_backend.offline import ARCHITECTURES
+
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return UNet2DConditionModel(**ARCHITECTURES["tiny"]["unet"]).eval()  # the offline tiny model's UNet
 
 
 def _tiny_vae():
