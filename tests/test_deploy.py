@@ -86,3 +86,18 @@ def test_kserve_inference_service_uses_the_triton_format_on_this_runtime():
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["runtime"] == runtime["metadata"]["name"]
     assert model["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_grafana_dashboard_queries_metrics_the_server_exposes():
+    import json
+
+    from sd_backend import metrics
+
+    dashboard = json.loads((DOCKER / "grafana" / "sd-triton-dashboard.json").read_text())
+    ours = set(re.findall(r"`(sd_\w+)", metrics.__doc__))
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\b((?:sd|nv)_\w+?)(?:_bucket|_sum|_count)?\b[\[{]", expr)}
+    assert used, exprs
+    for name in used:
+        assert name in ours or name.startswith("nv_inference_"), f"{name} is not a metric the server exposes"
+    assert {"sd_images_generated_total", "sd_denoise_steps_total", "sd_stage_seconds", "sd_batch_size"} <= used

@@ -236,3 +236,27 @@ def test_admin_apis_need_the_admin_header(server):
     # inference, health, metadata and statistics stay open
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/unet/stats", timeout=10) as reply:
         assert reply.status == 200
+
+
+def test_custom_metrics_are_scraped_next_to_tritons(server, grpc):
+    import re
+    import urllib.request
+
+    def scrape():
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+            return reply.read().decode()
+
+    def value(text, pattern):
+        match = re.search(rf"^{pattern} (?P<value>\S+)$", text, re.M)
+        return float(match.group("value")) if match else 0.0
+
+    before = scrape()
+    grpc.generate("metrics please", seed=1, steps=5)
+    grpc.generate("metrics again", seed=2, steps=7)
+    after = scrape()
+    assert value(after, r"sd_images_generated_total(?:\{\})?") - value(before, r"sd_images_generated_total(?:\{\})?") == 2
+    assert value(after, r"sd_denoise_steps_total(?:\{\})?") - value(before, r"sd_denoise_steps_total(?:\{\})?") == 12
+    for stage in ("text_encoder", "unet", "vae"):
+        assert value(after, rf'sd_stage_seconds_count\{{stage="{stage}"\}}') >= 2
+        assert value(after, rf'sd_batch_size_count\{{stage="{stage}"\}}') >= 2
+    assert "nv_inference_request_success" in after  # Triton's own metrics on the same port

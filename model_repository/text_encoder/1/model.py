@@ -11,12 +11,14 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
+from sd_backend.metrics import StageMetrics
 from sd_backend.stages import TextEncoderStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = io.load_stage(TextEncoderStage, args)
+        self.metrics = StageMetrics(pb_utils, "text_encoder")
 
     def execute(self, requests):
         def parse(request):
@@ -36,4 +38,7 @@ class TritonPythonModel:
                 ]
             )
 
-        return io.respond(pb_utils, requests, parse, run, reply)
+        return self.metrics.timed(requests, lambda: io.respond(pb_utils, requests, parse, run, reply))
+
+    def finalize(self):
+        self.metrics.close()

@@ -11,6 +11,7 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
+from sd_backend.metrics import StageMetrics
 from sd_backend.stages import DenoiseJob, UNetStage
 
 _NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
@@ -19,6 +20,7 @@ _NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEI
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = io.load_stage(UNetStage, args)
+        self.metrics = StageMetrics(pb_utils, "unet")
 
     def execute(self, requests):
         def parse(request):
@@ -30,6 +32,7 @@ class TritonPythonModel:
             return DenoiseJob(params, embeds, negative)
 
         def reply(job, latents):
+            self.metrics.add("steps", job.params.steps)
             return pb_utils.InferenceResponse(
                 [
                     io.from_torch(pb_utils, "LATENTS", latents.float()),
@@ -37,4 +40,7 @@ class TritonPythonModel:
                 ]
             )
 
-        return io.respond(pb_utils, requests, parse, self.stage, reply)
+        return self.metrics.timed(requests, lambda: io.respond(pb_utils, requests, parse, self.stage, reply))
+
+    def finalize(self):
+        self.metrics.close()

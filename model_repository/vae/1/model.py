@@ -10,18 +10,24 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
+from sd_backend.metrics import StageMetrics
 from sd_backend.stages import VAEStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = io.load_stage(VAEStage, args)
+        self.metrics = StageMetrics(pb_utils, "vae")
 
     def execute(self, requests):
         def parse(request):
             return io.to_torch(pb_utils.get_input_tensor_by_name(request, "LATENTS"))
 
         def reply(_, image):
+            self.metrics.add("images", 1)
             return pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", image[None])])
 
-        return io.respond(pb_utils, requests, parse, self.stage, reply)
+        return self.metrics.timed(requests, lambda: io.respond(pb_utils, requests, parse, self.stage, reply))
+
+    def finalize(self):
+        self.metrics.close()
