@@ -23,8 +23,7 @@ from typing import Callable, Hashable
 import torch
 
 _REPEATS = 10
-_choices: dict[Hashable, bool] = {}
-_timings: dict[Hashable, tuple[float, float]] = {}
+_timings: dict[Hashable, tuple[float, float]] = {}  # key -> (kernel ms, torch op ms)
 
 
 def _mode() -> str:
@@ -63,19 +62,17 @@ def run(key: Hashable, kernel: Callable, reference: Callable, device: torch.devi
     mode = _mode()
     if mode != "measure" or device.type != "cuda":
         return reference() if mode == "never" else kernel()
-    choice = _choices.get(key)
-    if choice is None:
+    if key not in _timings:
         if torch.cuda.is_current_stream_capturing():
             return kernel()  # unseen during warm-up: no timing inside a capture
-        kernel_ms, reference_ms = _time_ms(kernel), _time_ms(reference)
-        choice = _choices[key] = kernel_ms < reference_ms
-        _timings[key] = (kernel_ms, reference_ms)
-    return kernel() if choice else reference()
+        _timings[key] = (_time_ms(kernel), _time_ms(reference))
+    kernel_ms, reference_ms = _timings[key]
+    return kernel() if kernel_ms < reference_ms else reference()
 
 
 def decisions() -> list[dict]:
     """What was measured: one row per shape, for logs and benchmark records."""
     return [
-        {"key": repr(key), "triton_ms": k, "torch_ms": r, "uses_triton": _choices[key]}
+        {"key": repr(key), "triton_ms": k, "torch_ms": r, "uses_triton": k < r}
         for key, (k, r) in _timings.items()
     ]

@@ -2,8 +2,8 @@
 
 - `compile`: channels-last UNet under `torch.compile(mode="reduce-overhead")`, the
   baseline this project measures itself against.
-- `triton`: this project's OpenAI-Triton kernels patched into the UNet where they beat
-  the torch op, channels-last, and the **whole denoising loop** (UNet calls, the
+- `triton`: this project's OpenAI-Triton kernels patched into the UNet (at every shape
+  they support, or where they time faster: kernels/dispatch.py), channels-last, and the **whole denoising loop** (UNet calls, the
   classifier-free-guidance combine and the scheduler arithmetic) captured as one CUDA
   graph per (batch bucket, height, width, steps, scheduler, guidance on/off).
 
@@ -26,7 +26,8 @@ import time
 from typing import Sequence
 
 from .params import GenerationParams
-from .schedulers import make_scheduler, step_kwargs
+from .schedulers import make_scheduler
+from .stages import denoise
 
 log = logging.getLogger("sd_backend")
 
@@ -92,7 +93,6 @@ class CapturedLoop:
 
         self.stage = stage
         self.bucket = bucket
-        self.key = params.group_key()
         self.scheduler_name = params.scheduler
         self.steps = params.steps
         unet = stage.unet
@@ -109,7 +109,6 @@ class CapturedLoop:
             self.noise = self.noise[:1].expand((params.steps,) + latent_shape)  # drawn but unused
         probe = make_scheduler(self.scheduler_name, stage.scheduler_config)
         probe.set_timesteps(self.steps, device="cpu")
-        self.init_sigma = float(probe.init_noise_sigma)
         self.unet_timesteps = probe.timesteps.to(device)  # (steps,) on the GPU for the UNet
 
         # warm up (autotuning, cuDNN algorithm search, lazy inits) on a side stream, then capture
@@ -124,24 +123,12 @@ class CapturedLoop:
             self.output = self._loop()
 
     def _loop(self):
-        import torch
-
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
         scheduler.set_timesteps(self.steps, device="cpu")  # CPU: coefficients become constants
-        extra = step_kwargs(scheduler, None)
-        latents = self.latents
-        with torch.inference_mode(), _noise_from(scheduler, list(self.noise.unbind(0))):
-            for i, t in enumerate(scheduler.timesteps):
-                model_input = torch.cat([latents] * 2) if self.cfg else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                noise = self.stage.unet(
-                    model_input, self.unet_timesteps[i], encoder_hidden_states=self.embeds, return_dict=False
-                )[0]
-                if self.cfg:
-                    uncond, cond = noise.chunk(2)
-                    noise = (uncond + self.guidance * (cond - uncond)).to(latents.dtype)
-                latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-        return latents
+        with _noise_from(scheduler, list(self.noise.unbind(0))):
+            return denoise(
+                self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps
+            )
 
     def run(self, latents, embeds, guidance, generators: Sequence):
         """Replay for n <= bucket images; returns (n, 4, h, w)."""

@@ -94,21 +94,23 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
     return latents * init_sigma, generators
 
 
-def denoise(unet, scheduler, latents, embeds, guidance, generators, timesteps=None):
+def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
-    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None.
+    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
+    when given, holds the UNet's timestep for each step (a device tensor made before a
+    CUDA-graph capture); the scheduler always gets its own.
     """
     import torch
 
     extra = step_kwargs(scheduler, generators)
-    timesteps = scheduler.timesteps if timesteps is None else timesteps
     with torch.inference_mode():
-        for t in timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            unet_t = t if unet_timesteps is None else unet_timesteps[i]
+            noise = unet(model_input, unet_t, encoder_hidden_states=embeds, return_dict=False)[0]
             if guidance is not None:
                 uncond, cond = noise.chunk(2)
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
