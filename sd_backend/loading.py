@@ -47,6 +47,9 @@ def resolve_dtype(config: DeploymentConfig, device) -> Any:
 
 def placement(config: DeploymentConfig, instance_device: str | None = None) -> tuple[str, Any, Any]:
     """(where to load from, torch device, torch dtype) for one stage of a deployment."""
+    from .optional_deps import model_libraries
+
+    model_libraries()
     source = resolve_model(config)
     device = resolve_device(config, instance_device)
     return source, device, resolve_dtype(config, device)

@@ -1,0 +1,61 @@
+"""Loading survives optional packages that are installed but cannot be imported (what a
+host's numpy-2 scipy does inside the numpy-1 Python-backend stub)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BROKEN = 'raise ImportError("numpy.core.multiarray failed to import (module built for numpy 2)")\n'
+
+
+def run(code: str, site, **env) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.getcwd()]), **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def broken_site(tmp_path):
+    """A site-packages folder, first on the path, whose scipy and sklearn fail to import."""
+    site = tmp_path / "site-packages"
+    for name in ("scipy", "sklearn"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(BROKEN)
+    return site
+
+
+def test_unguarded_import_fails_with_a_broken_optional_package(broken_site):
+    # the failure the guard exists for: if this starts passing, the guard may be unneeded
+    result = run("from transformers import CLIPTextModel", broken_site)
+    assert result.returncode != 0
+    assert "numpy.core.multiarray failed to import" in result.stderr
+
+
+def test_model_libraries_hide_the_broken_package_and_load(broken_site):
+    result = run(
+        """
+        import sys
+        from sd_backend.optional_deps import model_libraries
+        model_libraries()
+        from transformers import CLIPTextModel
+        from diffusers import UNet2DConditionModel
+        print("hidden:", sorted(k for k, v in sys.modules.items() if v is None and k in ("scipy", "sklearn")))
+        """,
+        broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hidden: ['scipy'" in result.stdout
+    assert "optional package scipy fails to import" in result.stderr
+
+
+def test_a_broken_required_package_is_not_hidden(tmp_path):
+    site = tmp_path / "site-packages"
+    (site / "transformers").mkdir(parents=True)
+    (site / "transformers" / "__init__.py").write_text(BROKEN)
+    result = run("from sd_backend.optional_deps import model_libraries; model_libraries()", site)
+    assert result.returncode != 0
+    assert "numpy.core.multiarray failed to import" in result.stderr
