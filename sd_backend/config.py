@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m")
-OPT_LEVELS = ("eager", "compile", "triton")
+OPT_LEVELS = ("eager", "compile", "triton", "deepspeed")
 
 
 def default_cache_dir() -> str:
@@ -71,7 +71,8 @@ class DeploymentConfig:
 
     opt_level: str = "eager"
     """`eager` (diffusers modules as they are), `compile` (torch.compile), `triton`
-    (this project's kernels and whole-loop CUDA graphs)."""
+    (this project's kernels and whole-loop CUDA graphs), `deepspeed` (DeepSpeed-Inference
+    kernel injection in the same whole-loop graphs; float16)."""
 
     kernels: str = "attention,group_norm,layer_norm,geglu"
     """On the `triton` level: which ops to patch with this project's kernels (comma list,

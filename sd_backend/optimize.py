@@ -6,6 +6,9 @@
   they support, or where they time faster: kernels/dispatch.py), channels-last, and the **whole denoising loop** (UNet calls, the
   classifier-free-guidance combine and the scheduler arithmetic) captured as one CUDA
   graph per (batch bucket, height, width, steps, scheduler, guidance on/off).
+- `deepspeed`: DeepSpeed-Inference kernel injection into the UNet (the seed tutorial's
+  engine: its fused attention and transformer-block kernels), inside the same
+  whole-loop graphs.
 
 How the loop becomes a graph: the scheduler runs on CPU timesteps, so its per-step
 coefficients are CPU scalars that the capture bakes into the kernels' arguments (they
@@ -61,6 +64,60 @@ def optimize_unet_stage(stage) -> None:
             stage.unet = torch.compile(stage.unet, mode="default", dynamic=False)
         stage.graphs = LoopGraphs(stage)
         stage.graphs.capture_defaults()
+    elif level == "deepspeed":
+        stage.unet = inject_deepspeed(stage.unet)
+        stage.graphs = LoopGraphs(stage)
+        stage.graphs.capture_defaults()
+
+
+class _TextEncoderStandIn:
+    """What DeepSpeed's generic injection wraps as the text encoder, which it always
+    wraps: its CLIP wrapper reaches for `text_model`, which transformers 5 removed, so
+    the real encoder is kept out of the injection."""
+
+    def __init__(self, unet):
+        self.text_model = type("TextModel", (), {})()
+        self.device, self.dtype, self.config = unet.device, unet.dtype, None
+
+
+class _InjectionTarget:
+    """A pipeline-shaped object holding only the UNet, for DeepSpeed's generic injection."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.text_encoder = _TextEncoderStandIn(unet)
+
+
+def deepspeed_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's op builder parses it: `9.0a` -> `9.0`
+    (it reads each entry as a number and fails on the arch-specific suffix)."""
+    if not value:
+        return value
+    entries = value.replace(";", " ").replace(",", " ").split()
+    return " ".join(e.rstrip("af") if e[:1].isdigit() else e for e in entries)
+
+
+def inject_deepspeed(unet):
+    """The UNet with DeepSpeed-Inference's diffusers kernels injected (fp16 only)."""
+    import os
+
+    import torch
+
+    if unet.dtype != torch.float16:
+        raise ValueError(f"opt_level deepspeed: DeepSpeed's diffusers kernels run in float16 only, not {unet.dtype}; set dtype float16")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if deepspeed_arch_list(arch) != arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
+    try:
+        from deepspeed.module_inject.replace_module import generic_injection
+    except ImportError as err:
+        raise ImportError(f"opt_level deepspeed needs DeepSpeed (pip install 'sd-triton[deepspeed]'): {err}") from err
+    target = _InjectionTarget(unet)
+    # the graphs are ours (whole loop, per bucket): DeepSpeed's own UNet graph holds one shape
+    generic_injection(target, dtype=torch.float16, enable_cuda_graph=False)
+    injected = getattr(target.unet, "unet", target.unet)  # unwrap DeepSpeed's DSUNet
+    log.info("DeepSpeed kernels injected into the UNet")
+    return injected
 
 
 @contextlib.contextmanager

@@ -94,13 +94,14 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
     return latents * init_sigma, generators
 
 
-def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None):
+def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
     guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
-    CUDA-graph capture); the scheduler always gets its own.
+    CUDA-graph capture); the scheduler always gets its own. `callback(step, latents)`,
+    when given, runs after each step (progress, previews; it raises to stop the loop).
     """
     import torch
 
@@ -115,6 +116,8 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
                 uncond, cond = noise.chunk(2)
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i, latents)
     return latents
 
 

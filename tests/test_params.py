@@ -80,3 +80,16 @@ def test_config_from_parameters_with_environment_override():
 def test_bad_config_values_are_named(parameters, field):
     with pytest.raises(ValueError, match=field):
         DeploymentConfig.from_parameters(parameters, {})
+
+
+def test_deepspeed_arch_list_drops_arch_specific_suffixes():
+    from sd_backend.optimize import deepspeed_arch_list
+
+    assert deepspeed_arch_list("9.0a") == "9.0"
+    assert deepspeed_arch_list("8.0;9.0a") == "8.0 9.0"
+    assert deepspeed_arch_list("8.6 9.0+PTX") == "8.6 9.0+PTX"
+    assert deepspeed_arch_list(None) is None
+
+
+def test_opt_level_deepspeed_is_a_choice():
+    assert DeploymentConfig(opt_level="deepspeed").opt_level == "deepspeed"

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from sd_backend.config import SCHEDULER_NAMES, DeploymentConfig  # noqa: E402
-from sd_backend.stages import DenoiseJob, UNetStage, denoise, make_scheduler, prepare_latents  # noqa: E402
+from sd_backend.stages import DenoiseJob, UNetStage  # noqa: E402
 
 STEPS = 10
 
@@ -38,16 +38,12 @@ def _jobs(stage, scheduler, seeds, guidance=7.5):
 
 
 def _eager(stage, jobs):
-    params = [j.params for j in jobs]
-    scheduler = make_scheduler(params[0].scheduler, stage.scheduler_config)
-    scheduler.set_timesteps(params[0].steps, device=stage.device)
-    latents, generators = prepare_latents(
-        params, stage.unet.config.in_channels, stage.vae_scale, stage.device, stage.dtype, scheduler.init_noise_sigma
-    )
-    embeds = torch.stack([j.prompt_embeds for j in jobs]).to(stage.device, stage.dtype)
-    negatives = torch.stack([j.negative_embeds for j in jobs]).to(stage.device, stage.dtype)
-    guidance = torch.tensor([p.guidance for p in params], device=stage.device).view(-1, 1, 1, 1)
-    return denoise(stage.unet, scheduler, latents, torch.cat([negatives, embeds]), guidance, generators)
+    """The same stage with its graphs set aside: the eager loop."""
+    graphs, stage.graphs = stage.graphs, None
+    try:
+        return stage.run_group(jobs)
+    finally:
+        stage.graphs = graphs
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -66,3 +62,17 @@ def test_padded_bucket_gives_each_seed_its_image(stage, scheduler):
     batch = stage(_jobs(stage, scheduler, [7, 5, 9]))  # 3 images in the bucket of 4
     assert rel_l2(batch[1], alone) < 2e-2
     assert rel_l2(batch[0], alone) > 0.1  # another seed really is another image
+
+
+def test_deepspeed_level_matches_the_eager_loop(tiny_dir):
+    pytest.importorskip("deepspeed")
+    eager = UNetStage.from_config(DeploymentConfig(model=str(tiny_dir), dtype="float16"))
+    injected = UNetStage.from_config(
+        DeploymentConfig(model=str(tiny_dir), dtype="float16", opt_level="deepspeed", batch_buckets=(1, 2), default_steps=STEPS)
+    )
+    assert injected.graphs.loops, "the default request was not captured"
+    jobs = _jobs(injected, "pndm", [3, 4])
+    got = torch.cat(injected(jobs))
+    want = torch.cat(eager(jobs))
+    assert torch.isfinite(got).all()
+    assert rel_l2(got, want) < 2e-2, rel_l2(got, want)
