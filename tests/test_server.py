@@ -185,12 +185,12 @@ def test_bad_inputs_fail_alone_with_clear_errors(server, grpc, protocol):
 
 
 def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    if not binary.exists():
-        pytest.fail("perf_analyzer is missing: install tritonclient==2.51.0 (manylinux wheel)")
-    env = dict(os.environ)
-    cudart = Path(__import__("nvidia.cuda_runtime", fromlist=["x"]).__path__[0]) / "lib"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(cudart), env.get("LD_LIBRARY_PATH", "")])
+    from sd_client.perf import perf_analyzer
+
+    try:
+        binary, env = perf_analyzer()
+    except FileNotFoundError as err:
+        pytest.fail(str(err))
     data = Path(__file__).resolve().parents[1] / "client" / "perf_input_tiny.json"
     report = tmp_path / "perf.csv"
     proc = subprocess.run(

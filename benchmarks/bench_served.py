@@ -1,0 +1,245 @@
+"""The served path on a GPU: `tritonserver` with the ensemble, measured as a client sees it.
+
+    python benchmarks/bench_served.py [--levels triton,deepspeed] [--concurrency 1,2,4,8,16]
+
+For each optimization level, in one process on one host:
+- start to ready (load + CUDA-graph capture of every batch bucket), then again after a
+  restart (warm caches of compiled kernels);
+- seconds per image at batch 1 through gRPC (median and min of --repeats), against the
+  same engine in this process (`sd_backend.engine.Engine`, same config) after the server stops;
+- a `perf_analyzer` concurrency sweep on the ensemble with a string prompt
+  (client/perf_input.json): throughput and p50/p95/p99 latency;
+- mixed traffic: requests with different steps, sizes and schedulers at once: all
+  must succeed; throughput reported.
+Writes benchmarks/results/<gpu>-<date>-served.json and .md after every measurement, so a
+run cut short keeps what it measured. `--deadline-s` skips what would not finish in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sd_backend.demo import free_port  # noqa: E402
+from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+MIXED = [  # (steps, height, width, scheduler)
+    (50, 512, 512, "pndm"),
+    (30, 512, 512, "euler_a"),
+    (20, 448, 512, "ddim"),
+    (50, 512, 512, "dpmpp_2m"),
+]
+
+
+class Recorder:
+    def __init__(self, out: Path, tag: str):
+        import torch
+
+        gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
+        stem = f"{gpu}-{datetime.date.today().isoformat()}-served{('-' + tag) if tag else ''}"
+        self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
+        self.data = {"device": gpu, "gpus": torch.cuda.device_count(), "command": " ".join(sys.argv), "levels": {}}
+
+    def put(self, level: str, key: str, value) -> None:
+        self.data["levels"].setdefault(level, {})[key] = value
+        self.json_path.write_text(json.dumps(self.data, indent=1))
+        self.md_path.write_text(self.markdown())
+        print(f"[{level}] {key}: {json.dumps(value)}", flush=True)
+
+    def markdown(self) -> str:
+        d = self.data
+        lines = [f"# Served benchmark on {d['device']} x{d['gpus']}", "", f"`{d['command']}`", ""]
+        lines += ["| level | cold start to ready s | warm restart s | gRPC b1 s (median/min) | in-process b1 s | mixed img/s |", "| --- | --- | --- | --- | --- | --- |"]
+        for level, r in d["levels"].items():
+            b1, local, mixed = r.get("grpc_b1", {}), r.get("inprocess_b1", {}), r.get("mixed", {})
+            lines.append(
+                f"| {level} | {r.get('ready_s', '')} | {r.get('restart_ready_s', '')} | "
+                f"{b1.get('median', '')} / {b1.get('min', '')} | {local.get('median', '')} | {mixed.get('images_per_s', '')} |"
+            )
+        lines += ["", "| level | concurrency | images/s | p50 s | p95 s | p99 s |", "| --- | --- | --- | --- | --- | --- |"]
+        for level, r in d["levels"].items():
+            for row in r.get("sweep", []):
+                if "error" in row:
+                    lines.append(f"| {level} | {row['concurrency']} | error: {row['error'][-80:]!r} | | | |")
+                    continue
+                lines.append(f"| {level} | {row['concurrency']} | {row['images_per_s']} | {row['p50_s']} | {row['p95_s']} | {row['p99_s']} |")
+        return "\n".join(lines) + "\n"
+
+
+def server_options(args, level: str) -> ServerOptions:
+    env = {
+        "SD_MODEL": args.model,
+        "SD_OPT_LEVEL": level,
+        "SD_CACHE_DIR": args.cache_dir,
+        "SD_DEFAULT_STEPS": str(args.steps),
+        "SD_BATCH_BUCKETS": args.buckets,
+    }
+    if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
+        env["SD_STUB_EXTRA_PATH"] = args.stub_path
+    return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env, python_shm_mb=64)
+
+
+def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:
+    began = time.perf_counter()
+    server = TritonServer(options, log_path=log).start()
+    try:
+        server.wait_ready(900)
+    except Exception:
+        server.stop()
+        print(log.read_text()[-4000:])
+        raise
+    return server, round(time.perf_counter() - began, 1)
+
+
+def client_b1(url: str, repeats: int) -> dict:
+    from sd_client import SDClient
+
+    client = SDClient(url)
+    client.generate(PROMPT, seed=0)  # warm-up
+    times = [client.generate(PROMPT, seed=i).latency_s for i in range(repeats)]
+    client.close()
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4), "all": [round(t, 4) for t in times]}
+
+
+def sweep(url: str, levels: list[int], out: Path, tag: str, deadline: float, perf_input: str) -> list[dict]:
+    from sd_client.perf import perf_analyzer
+
+    binary, env = perf_analyzer()
+    rows = []
+    for c in levels:
+        if time.monotonic() > deadline:
+            print(f"skipping concurrency {c}: deadline", flush=True)
+            break
+        report = out / f"perf_{tag}_c{c}.csv"
+        command = [
+            binary, "-m", "stable_diffusion", "-i", "grpc", "-u", url,
+            "--input-data", perf_input,
+            "--concurrency-range", f"{c}:{c}", "--measurement-mode", "count_windows",
+            "--measurement-request-count", str(max(12, 3 * c)), "--max-trials", "5",
+            "--stability-percentage", "25", "-f", str(report), "--percentile", "99",
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=max(60, deadline - time.monotonic()))
+        (out / f"perf_{tag}_c{c}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or not report.exists():
+            print(done.stdout[-2000:], done.stderr[-2000:], flush=True)
+            rows.append({"concurrency": c, "error": (done.stderr or done.stdout)[-300:]})
+            continue
+        with open(report) as f:
+            row = next(csv.DictReader(f))
+        us = lambda key: round(float(row[key]) / 1e6, 3)  # noqa: E731
+        rows.append({
+            "concurrency": c,
+            "images_per_s": round(float(row["Inferences/Second"]), 3),
+            "p50_s": us("p50 latency"), "p95_s": us("p95 latency"), "p99_s": us("p99 latency"),
+            "server_queue_s": us("Server Queue"), "server_compute_s": round((float(row["Server Compute Input"]) + float(row["Server Compute Infer"]) + float(row["Server Compute Output"])) / 1e6, 3),
+        })
+    return rows
+
+
+def mixed(url: str, per_kind: int, concurrency: int) -> dict:
+    from sd_client import SDClient
+
+    client = SDClient(url)
+    work = [kind for kind in MIXED for _ in range(per_kind)]
+    began = time.perf_counter()
+
+    def one(i: int):
+        steps, height, width, scheduler = work[i]
+        return client.generate(PROMPT, seed=i, steps=steps, height=height, width=width, scheduler=scheduler)
+
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(one, i) for i in range(len(work))]):
+            try:
+                future.result()
+            except Exception as err:  # noqa: BLE001 - count and report every failure
+                failures.append(str(err)[:200])
+    seconds = time.perf_counter() - began
+    client.close()
+    return {"requests": len(work), "failed": len(failures), "errors": failures[:3], "seconds": round(seconds, 2),
+            "images_per_s": round((len(work) - len(failures)) / seconds, 3), "kinds": MIXED}
+
+
+def in_process(args, level: str) -> dict:
+    import torch
+
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.engine import Engine
+
+    config = DeploymentConfig(model=args.model, cache_dir=args.cache_dir, opt_level=level, default_steps=args.steps,
+                              batch_buckets=tuple(int(b) for b in args.buckets.split(",")))
+    engine = Engine(config)
+    engine.generate([PROMPT], seed=0)
+    times = []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for i in range(args.repeats):
+        sync()
+        began = time.perf_counter()
+        engine.generate([PROMPT], seed=i)
+        sync()
+        times.append(time.perf_counter() - began)
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--levels", default="triton")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--buckets", default="1,2,4,8")
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--perf-input", default=str(ROOT / "client" / "perf_input.json"))
+    parser.add_argument("--mixed-per-kind", type=int, default=4)
+    parser.add_argument("--skip", default="", help="comma list of: restart, inprocess, mixed, sweep")
+    parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
+    parser.add_argument("--cache-dir", default="/tmp/sd-cache")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--deadline-s", type=float, default=3600)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.deadline_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(args.skip.split(","))
+    record = Recorder(out, args.tag)
+    for level in args.levels.split(","):
+        if time.monotonic() > deadline:
+            break
+        options = server_options(args, level)
+        server, ready = start(options, out / f"server-{level}.log")
+        record.put(level, "ready_s", ready)
+        try:
+            record.put(level, "grpc_b1", client_b1(server.grpc_url, args.repeats))
+            if "sweep" not in skip:
+                record.put(level, "sweep", sweep(server.grpc_url, [int(c) for c in args.concurrency.split(",")], out, level, deadline - 60, args.perf_input))
+            if "mixed" not in skip and time.monotonic() < deadline - 90:
+                record.put(level, "mixed", mixed(server.grpc_url, args.mixed_per_kind, 8))
+        finally:
+            server.stop()
+        if "restart" not in skip and time.monotonic() < deadline - 120:
+            server, ready = start(server_options(args, level), out / f"server-{level}-restart.log")
+            record.put(level, "restart_ready_s", ready)
+            server.stop()
+        if "inprocess" not in skip and time.monotonic() < deadline - 90:
+            record.put(level, "inprocess_b1", in_process(args, level))
+    print(record.md_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
