@@ -227,17 +227,17 @@ def main() -> None:
         try:
             record.put(level, "grpc_b1", client_b1(server.grpc_url, args.repeats))
             if "sweep" not in skip:
-                record.put(level, "sweep", sweep(server.grpc_url, [int(c) for c in args.concurrency.split(",")], out, level, deadline - 60, args.perf_input))
+                record.put(level, "sweep", sweep(server.grpc_url, [int(c) for c in args.concurrency.split(",")], out, level, deadline - 180, args.perf_input))
             if "mixed" not in skip and time.monotonic() < deadline - 90:
                 record.put(level, "mixed", mixed(server.grpc_url, args.mixed_per_kind, 8))
         finally:
             server.stop()
+        if "inprocess" not in skip and time.monotonic() < deadline - 90:
+            record.put(level, "inprocess_b1", in_process(args, level))
         if "restart" not in skip and time.monotonic() < deadline - 120:
             server, ready = start(server_options(args, level), out / f"server-{level}-restart.log")
             record.put(level, "restart_ready_s", ready)
             server.stop()
-        if "inprocess" not in skip and time.monotonic() < deadline - 90:
-            record.put(level, "inprocess_b1", in_process(args, level))
     print(record.md_path.read_text())
 
 
