@@ -31,6 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+try:
+    import sd_client  # noqa: F401
+except ImportError:  # a checkout that was not pip-installed: the package lives in client/
+    import importlib
+
+    sys.modules["sd_client"] = importlib.import_module("client")
 from sd_backend.demo import free_port  # noqa: E402
 from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
 
@@ -217,6 +223,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))
+    reserve = 0 if {"mixed", "inprocess", "restart"} <= skip else 180  # seconds the sweep leaves for the rest
     record = Recorder(out, args.tag)
     for level in args.levels.split(","):
         if time.monotonic() > deadline:
@@ -227,7 +234,7 @@ def main() -> None:
         try:
             record.put(level, "grpc_b1", client_b1(server.grpc_url, args.repeats))
             if "sweep" not in skip:
-                record.put(level, "sweep", sweep(server.grpc_url, [int(c) for c in args.concurrency.split(",")], out, level, deadline - 180, args.perf_input))
+                record.put(level, "sweep", sweep(server.grpc_url, [int(c) for c in args.concurrency.split(",")], out, level, deadline - reserve, args.perf_input))
             if "mixed" not in skip and time.monotonic() < deadline - 90:
                 record.put(level, "mixed", mixed(server.grpc_url, args.mixed_per_kind, 8))
         finally:

@@ -55,14 +55,16 @@ def find_tritonserver() -> tuple[Path, Path | None]:
     on_path = shutil.which("tritonserver")
     if on_path:
         return Path(on_path), None
-    try:
-        import pytriton
-    except ImportError:
+    import importlib.util
+
+    # located, not imported: importing pytriton pulls in its own dependencies
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "tritonserver is not on PATH and nvidia-pytriton is not installed: "
             "use NVIDIA's tritonserver container or `pip install nvidia-pytriton`"
-        ) from None
-    tree = Path(pytriton.__file__).parent / "tritonserver"
+        )
+    tree = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     return tree / "bin" / "tritonserver", tree
 
 
