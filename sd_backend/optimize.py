@@ -116,6 +116,8 @@ def inject_deepspeed(unet):
     # the graphs are ours (whole loop, per bucket): DeepSpeed's own UNet graph holds one shape
     generic_injection(target, dtype=torch.float16, enable_cuda_graph=False)
     injected = getattr(target.unet, "unet", target.unet)  # unwrap DeepSpeed's DSUNet
+    # the new blocks keep some parameters on the CPU; init_inference would move the model after
+    injected.to(unet.device)
     log.info("DeepSpeed kernels injected into the UNet")
     return injected
 

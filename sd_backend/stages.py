@@ -179,10 +179,11 @@ class UNetStage:
         latents, generators = prepare_latents(
             params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
         )
-        embeds = torch.stack([job.prompt_embeds for job in jobs]).to(self.device, self.dtype)
+        # inputs may sit on another GPU (the text encoder's instance): move each, then stack
+        embeds = torch.stack([job.prompt_embeds.to(self.device, self.dtype) for job in jobs])
         guidance = None
         if first.uses_guidance:
-            negatives = torch.stack([job.negative_embeds for job in jobs]).to(self.device, self.dtype)
+            negatives = torch.stack([job.negative_embeds.to(self.device, self.dtype) for job in jobs])
             embeds = torch.cat([negatives, embeds])  # (2B, 77, hidden): unconditional first, as diffusers
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
         captured = self.graphs.find(first, len(jobs)) if self.graphs is not None else None
@@ -213,7 +214,7 @@ class VAEStage:
         for i, lat in enumerate(latents):
             by_shape[tuple(lat.shape)].append(i)
         for indices in by_shape.values():
-            batch = torch.cat([latents[i] for i in indices]).to(self.device, self.dtype)
+            batch = torch.cat([latents[i].to(self.device, self.dtype) for i in indices])
             with torch.inference_mode():
                 images = self.vae.decode(batch / self.vae.config.scaling_factor, return_dict=False)[0]
             # diffusers' postprocess: denormalize and clamp, float32 NHWC, then round to uint8
