@@ -229,7 +229,7 @@ def main() -> None:
         if time.monotonic() > deadline:
             break
         options = server_options(args, level)
-        server, ready = start(options, out / f"server-{level}.log")
+        server, ready = start(options, out / f"server-{level}{('-' + args.tag) if args.tag else ''}.log")
         record.put(level, "ready_s", ready)
         try:
             record.put(level, "grpc_b1", client_b1(server.grpc_url, args.repeats))

@@ -52,6 +52,11 @@ def placement(config: DeploymentConfig, instance_device: str | None = None) -> t
     model_libraries()
     source = resolve_model(config)
     device = resolve_device(config, instance_device)
+    if device.type == "cuda" and device.index is not None:
+        import torch
+
+        # kernels, streams and graph captures use the current device: make it this instance's GPU
+        torch.cuda.set_device(device)
     return source, device, resolve_dtype(config, device)
 
 
