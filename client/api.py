@@ -11,7 +11,21 @@ from typing import Any
 import numpy as np
 
 MODEL = "stable_diffusion"
+STREAM_MODEL = "stable_diffusion_stream"
 OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED")
+
+
+@dataclasses.dataclass
+class Progress:
+    """One denoising step done, from the streaming path."""
+
+    step: int
+    total: int
+    preview: np.ndarray | None  # (height/8, width/8, 3) uint8 every `preview_every` steps
+
+
+class Cancelled(Exception):
+    """The request was cancelled (by `stream`'s `on_progress` returning False or a cancel event)."""
 
 
 @dataclasses.dataclass
@@ -55,7 +69,7 @@ class SDClient:
             self._clients.append(client)
         return client
 
-    def build_inputs(self, prompt: str, **parameters: Any) -> list:
+    def build_inputs(self, prompt: str, module=None, **parameters: Any) -> list:
         """The ensemble's inputs for one request; None-valued parameters are left out."""
         spec = {
             "PROMPT": (prompt, "BYTES"),
@@ -66,7 +80,9 @@ class SDClient:
             "HEIGHT": (parameters.get("height"), "INT32"),
             "WIDTH": (parameters.get("width"), "INT32"),
             "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
+            "PREVIEW_EVERY": (parameters.get("preview_every"), "INT32"),
         }
+        module = module or self._module
         inputs = []
         for name, (value, dtype) in spec.items():
             if value is None:
@@ -75,7 +91,7 @@ class SDClient:
                 array = np.array([[value.encode("utf-8") if isinstance(value, str) else value]], dtype=object)
             else:
                 array = np.array([[value]], dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
-            tensor = self._module.InferInput(name, list(array.shape), dtype)
+            tensor = module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         return inputs
@@ -114,6 +130,69 @@ class SDClient:
         dropped = int(reply.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
         used = {k: v for k, v in parameters.items() if v is not None} | {"seed": seed_used}
         return GenerationResult(reply.as_numpy("IMAGE")[0], seed_used, latency, dropped, {"prompt": prompt, **used})
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        on_progress=None,
+        preview_every: int = 0,
+        cancel: threading.Event | None = None,
+        **parameters: Any,
+    ) -> GenerationResult:
+        """Generate one image through the streaming model (gRPC only), calling
+        `on_progress(Progress)` after every denoising step. Returning False from it, or
+        setting `cancel`, cancels the request on the server and raises `Cancelled`."""
+        import queue
+
+        import tritonclient.grpc as grpc
+
+        if self.protocol != "grpc":
+            raise ValueError("stream: progress needs gRPC streaming; use protocol='grpc'")
+        events: queue.Queue = queue.Queue()
+        parameters = {k: v for k, v in parameters.items() if v is not None}
+        inputs = self.build_inputs(prompt, module=grpc, preview_every=preview_every or None, **parameters)
+        client = grpc.InferenceServerClient(self.url)
+        start = time.perf_counter()
+        client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s)
+        try:
+            client.async_stream_infer(STREAM_MODEL, inputs, enable_empty_final_response=True)
+            final = None
+            while True:
+                try:
+                    result, error = events.get(timeout=0.1)
+                except queue.Empty:
+                    if time.perf_counter() - start > self.timeout_s:
+                        raise TimeoutError(f"stream: no image within {self.timeout_s:.0f} s") from None
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("cancelled by the caller") from None
+                    continue
+                if error is not None:
+                    raise error
+                if result.as_numpy("IMAGE") is not None:
+                    final = result
+                elif result.as_numpy("STEP") is not None:
+                    progress = Progress(int(result.as_numpy("STEP").reshape(-1)[0]), int(result.as_numpy("TOTAL_STEPS").reshape(-1)[0]), None)
+                    preview = result.as_numpy("PREVIEW")
+                    progress.preview = None if preview is None else preview[0]
+                    if on_progress is not None and on_progress(progress) is False:
+                        raise Cancelled(f"cancelled at step {progress.step} of {progress.total}")
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"cancelled at step {progress.step} of {progress.total}")
+                if result.get_response().parameters.get("triton_final_response", None) is not None and result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        except BaseException:
+            client.stop_stream(cancel_requests=True)  # the server stops at its next step
+            client.close()
+            raise
+        client.stop_stream()
+        client.close()
+        if final is None:
+            raise RuntimeError("stream: the server ended the stream without an image")
+        latency = time.perf_counter() - start
+        seed_used = int(final.as_numpy("SEED_USED").reshape(-1)[0])
+        dropped = int(final.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
+        return GenerationResult(final.as_numpy("IMAGE")[0], seed_used, latency, dropped, {"prompt": prompt, **parameters, "seed": seed_used})
 
     def is_ready(self) -> bool:
         return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))

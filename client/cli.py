@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import sys
+import threading
 from pathlib import Path
 
 from .api import SDClient, save_png
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    parser.add_argument("--progress", action="store_true", help="live progress per denoising step (gRPC streaming); Ctrl-C cancels on the server")
     return parser
 
 
@@ -53,37 +55,67 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width,
         scheduler=args.scheduler,
     )
+    if args.progress and args.protocol != "grpc":
+        print("sd-client: --progress needs --protocol grpc (streaming)", file=sys.stderr)
+        return 2
     paths = _paths(args.output, args.count)
+    cancel = threading.Event()
+    bar = _bar(args.count, args.progress)
+    steps_done = [0] * args.count
 
     def one(i: int):
         seed = None if args.seed is None else args.seed + i
-        result = client.generate(args.prompt, seed=seed, **parameters)
+        if not args.progress:
+            result = client.generate(args.prompt, seed=seed, **parameters)
+            return save_png(result, paths[i]), result
+
+        def advance(p):
+            with lock:
+                if bar.total != args.count * p.total:
+                    bar.total = args.count * p.total
+                    bar.refresh()
+                bar.update(p.step - steps_done[i])
+                steps_done[i] = p.step
+
+        result = client.stream(args.prompt, seed=seed, on_progress=advance, cancel=cancel, **parameters)
         return save_png(result, paths[i]), result
 
+    lock = threading.Lock()
     failures = 0
-    progress = _progress(args.count)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(args.count, 32)) as pool:
-        futures = [pool.submit(one, i) for i in range(args.count)]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(args.count, 32))
+    futures = [pool.submit(one, i) for i in range(args.count)]
+    try:
         for future in concurrent.futures.as_completed(futures):
             try:
                 path, result = future.result()
             except Exception as err:  # noqa: BLE001 - report each failed request and go on
                 failures += 1
                 message = err.message() if callable(getattr(err, "message", None)) else str(err)
-                progress.write(f"error: {message}")
+                bar.write(f"error: {message}")
             else:
                 note = f" ({result.prompt_tokens_dropped} prompt tokens past 77 were dropped)" if result.prompt_tokens_dropped else ""
-                progress.write(f"wrote {path}  seed={result.seed}  latency={result.latency_s:.2f}s{note}")
-            progress.update(1)
-    progress.close()
-    client.close()
+                bar.write(f"wrote {path}  seed={result.seed}  latency={result.latency_s:.2f}s{note}")
+            if not args.progress:
+                bar.update(1)
+    except KeyboardInterrupt:
+        cancel.set()  # streamed requests are cancelled on the server at their next step
+        bar.write("cancelled")
+        pool.shutdown(wait=True, cancel_futures=True)
+        return 130
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        client.close()
     return 1 if failures else 0
 
 
-def _progress(total: int):
+def _bar(count: int, steps: bool):
+    """Images done (for -n > 1), or denoising steps done (--progress)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", disable=total == 1, file=sys.stderr)
+    if steps:
+        return tqdm(total=None, unit="step", file=sys.stderr)
+    return tqdm(total=count, unit="img", disable=count == 1, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class StageMetrics:
         }
         if stage == "vae":
             self._metrics["images"] = self._families["images"].Metric(labels={})
-        if stage == "unet":
+        if stage in ("unet", "stream"):  # both paths count into one counter
             self._metrics["steps"] = self._families["steps"].Metric(labels={})
 
     def timed(self, requests: list, execute):
@@ -46,7 +46,7 @@ class StageMetrics:
             self._metrics["batch"].observe(len(requests))
 
     def add(self, name: str, value: float) -> None:
-        """Count images (vae) or denoising steps (unet)."""
+        """Count images (vae) or denoising steps (unet, stream)."""
         self._metrics[name].increment(value)
 
     def close(self) -> None:

@@ -100,8 +100,9 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
     guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
-    CUDA-graph capture); the scheduler always gets its own. `callback(step, latents)`,
-    when given, runs after each step (progress, previews; it raises to stop the loop).
+    CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
+    when given, runs after each of the `count` steps (progress, previews; it raises to stop
+    the loop). PNDM runs one more UNet step than asked for, as in diffusers.
     """
     import torch
 
@@ -117,7 +118,7 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             if callback is not None:
-                callback(i, latents)
+                callback(i, len(scheduler.timesteps), latents)
     return latents
 
 
@@ -168,8 +169,9 @@ class UNetStage:
                     results[i] = row
         return results
 
-    def run_group(self, jobs: Sequence[DenoiseJob]):
-        """Denoise jobs that share a group key as one batch; returns (B, 4, h, w)."""
+    def run_group(self, jobs: Sequence[DenoiseJob], callback=None):
+        """Denoise jobs that share a group key as one batch; returns (B, 4, h, w).
+        With a per-step `callback` (see `denoise`) the loop runs step by step, not as a graph."""
         import torch
 
         params = [job.params for job in jobs]
@@ -186,10 +188,10 @@ class UNetStage:
             negatives = torch.stack([job.negative_embeds.to(self.device, self.dtype) for job in jobs])
             embeds = torch.cat([negatives, embeds])  # (2B, 77, hidden): unconditional first, as diffusers
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
-        captured = self.graphs.find(first, len(jobs)) if self.graphs is not None else None
+        captured = self.graphs.find(first, len(jobs)) if self.graphs is not None and callback is None else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators)
-        return denoise(self.unet, scheduler, latents, embeds, guidance, generators)
+        return denoise(self.unet, scheduler, latents, embeds, guidance, generators, callback=callback)
 
 
 class VAEStage:

@@ -1,0 +1,92 @@
+"""Triton adapter for the streaming path: progress per step, previews, cancellation.
+
+Decoupled: each request gets a response per denoising step, then the image (or an
+error), then the final flag. The math lives in sd_backend (stages, streaming).
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    import sd_backend  # noqa: F401
+except ImportError:  # served from a checkout that was not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from sd_backend import triton_io as io
+from sd_backend.metrics import StageMetrics
+from sd_backend.stages import DenoiseJob, UNetStage
+from sd_backend.streaming import Cancelled, step_reporter
+
+_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _call(model: str, inputs: list, outputs: list[str]) -> dict:
+    """A BLS call to another model of this repository; its INVALID_ARG becomes ValueError."""
+    reply = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs).exec()
+    if reply.has_error():
+        error = reply.error()
+        if error.code() == pb_utils.TritonError.INVALID_ARG:
+            raise ValueError(error.message())
+        raise RuntimeError(f"{model}: {error.message()}")
+    return {name: pb_utils.get_output_tensor_by_name(reply, name) for name in outputs}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.stage = io.load_stage(UNetStage, args)
+        self.metrics = StageMetrics(pb_utils, "stream")
+
+    def execute(self, requests):
+        for request in requests:
+            self.metrics.timed([request], lambda: self._serve(request))
+        return None
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            final = self._generate(request, sender)
+        except ValueError as err:
+            final = io.invalid(pb_utils, err)
+        except Cancelled as err:
+            final = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.CANCELLED))
+        except Exception as err:  # noqa: BLE001 - the client must get an answer
+            final = io.internal(pb_utils, err)
+        sender.send(final, flags=_FINAL)
+
+    def _generate(self, request, sender):
+        raw = {arg: io.read_scalar(pb_utils, request, name) for name, arg in _NUMBERS.items()}
+        raw["scheduler"] = io.read_text(pb_utils, request, "SCHEDULER")
+        params = self.stage.check(**raw)
+        every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
+        if not 0 <= every <= params.steps:
+            raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")
+
+        texts = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in ("PROMPT", "NEGATIVE_PROMPT")) if t]
+        encoded = _call("text_encoder", texts, ["PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "PROMPT_TOKENS_DROPPED"])
+        job = DenoiseJob(params, io.to_torch(encoded["PROMPT_EMBEDS"])[0], io.to_torch(encoded["NEGATIVE_EMBEDS"])[0])
+
+        def send(step, total, preview):
+            outputs = [
+                pb_utils.Tensor("STEP", np.array([[step]], np.int32)),
+                pb_utils.Tensor("TOTAL_STEPS", np.array([[total]], np.int32)),
+            ]
+            if preview is not None:
+                outputs.append(pb_utils.Tensor("PREVIEW", preview[None]))
+            sender.send(pb_utils.InferenceResponse(outputs))
+
+        latents = self.stage.run_group([job], callback=step_reporter(int(every), send, request.is_cancelled))
+        self.metrics.add("steps", params.steps)
+        image = _call("vae", [io.from_torch(pb_utils, "LATENTS", latents.float())], ["IMAGE"])["IMAGE"]
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("IMAGE", image.as_numpy()),
+                pb_utils.Tensor("SEED_USED", np.array([[params.seed]], np.int64)),
+                pb_utils.Tensor("PROMPT_TOKENS_DROPPED", encoded["PROMPT_TOKENS_DROPPED"].as_numpy()),
+            ]
+        )
+
+    def finalize(self):
+        self.metrics.close()
