@@ -38,8 +38,9 @@ log = logging.getLogger("sd_backend")
 _NOISY = {"euler_a"}
 
 
-def optimize_unet_stage(stage) -> None:
-    """Apply `stage.config.opt_level` to a loaded UNetStage (a no-op on the CPU)."""
+def optimize_unet_stage(stage, capture: bool = True) -> None:
+    """Apply `stage.config.opt_level` to a loaded UNetStage (a no-op on the CPU); with
+    `capture`, the default request's loop is captured at every batch bucket."""
     import torch
 
     level = stage.config.opt_level
@@ -63,11 +64,13 @@ def optimize_unet_stage(stage) -> None:
         if inductor:  # inductor's fusions inside our whole-loop graphs (its own graphs off)
             stage.unet = torch.compile(stage.unet, mode="default", dynamic=False)
         stage.graphs = LoopGraphs(stage)
-        stage.graphs.capture_defaults()
+        if capture:
+            stage.graphs.capture_defaults()
     elif level == "deepspeed":
         stage.unet = inject_deepspeed(stage.unet)
         stage.graphs = LoopGraphs(stage)
-        stage.graphs.capture_defaults()
+        if capture:
+            stage.graphs.capture_defaults()
 
 
 class _TextEncoderStandIn:

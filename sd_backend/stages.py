@@ -140,14 +140,16 @@ class UNetStage:
         self.graphs = None  # LoopGraphs on the `triton` optimization level
 
     @classmethod
-    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "UNetStage":
+    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None, capture: bool = True) -> "UNetStage":
+        """`capture=False` skips the whole-loop CUDA graphs of the default request (for a
+        loop that runs step by step, as the streaming model's does)."""
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
         stage = cls(config, unet, loading.load_scheduler_config(source), loading.vae_scale_factor(source), device, dtype)
         if config.opt_level != "eager":
             from .optimize import optimize_unet_stage
 
-            optimize_unet_stage(stage)
+            optimize_unet_stage(stage, capture)
         return stage
 
     def check(self, **raw) -> GenerationParams:

@@ -15,6 +15,7 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
+from sd_backend.config import DeploymentConfig
 from sd_backend.metrics import StageMetrics
 from sd_backend.stages import DenoiseJob, UNetStage
 from sd_backend.streaming import Cancelled, step_reporter
@@ -36,7 +37,9 @@ def _call(model: str, inputs: list, outputs: list[str]) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = io.load_stage(UNetStage, args)
+        config = DeploymentConfig.from_triton_args(args)
+        # kernels yes, whole-loop graphs no: this loop reports every step
+        self.stage = UNetStage.from_config(config, io.instance_device(args), capture=False)
         self.metrics = StageMetrics(pb_utils, "stream")
 
     def execute(self, requests):
