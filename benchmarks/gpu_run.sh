@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host, from the repo root (carry .whl): GPU tests, kernel microbenchmarks
 # and the end-to-end benchmark, results under $OUT (or benchmarks/results).
-#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [e2e SYSTEMS] [served "ARGS"]
+#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [e2e SYSTEMS] [served "ARGS"] [soak "ARGS"]
 #   e.g. bash benchmarks/gpu_run.sh tests "tests/kernels tests/gpu" kernels e2e eager,triton,compile
 set -uo pipefail
 source .whl/bootstrap.sh
@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     kernels) python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -70 ;;
     # the served stubs get numpy 1.26 first (--stub-path), every other process numpy 2
     served) python3 benchmarks/bench_served.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/bench_served.log" | tail -40; shift ;;
+    soak) python3 benchmarks/soak.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/soak.log" | tail -30; shift ;;
     e2e) python3 benchmarks/bench_e2e.py --systems "$2" --out "$OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40; shift ;;
   esac
   shift

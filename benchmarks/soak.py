@@ -1,0 +1,139 @@
+"""Soak: perf_analyzer against the ensemble for a long time, memory sampled throughout.
+
+    python benchmarks/soak.py [--minutes 30] [--concurrency 8] [--model sd15-random] [--opt-level triton]
+
+Runs perf_analyzer at a fixed concurrency in three measurement windows of minutes/3 each
+(so its stability check cannot end the run early) and samples, every --every-s seconds,
+the GPU memory in use (nvidia-smi, when there is one) and the resident memory of
+tritonserver and its backend stubs. Passes when perf_analyzer saw no failed request and
+memory at the end is within --slack-mib of memory after the first window (warm-up).
+Writes benchmarks/results/<device>-<date>-soak.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sd_backend.demo import free_port  # noqa: E402
+from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, MiB (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return round(total / 1024, 1)
+
+
+def gpu_used_mib() -> list[float]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    return [float(x) for x in out.stdout.split()] if out.returncode == 0 else []
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--opt-level", default="triton")
+    parser.add_argument("--perf-input", default=str(ROOT / "client" / "perf_input.json"))
+    parser.add_argument("--every-s", type=float, default=30)
+    parser.add_argument("--slack-mib", type=float, default=256)
+    parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+
+    try:
+        import sd_client  # noqa: F401
+    except ImportError:  # a checkout that was not pip-installed
+        import importlib
+
+        sys.modules["sd_client"] = importlib.import_module("client")
+    from sd_client.perf import perf_analyzer
+
+    env = {"SD_MODEL": args.model, "SD_OPT_LEVEL": args.opt_level}
+    if args.stub_path:
+        env["SD_STUB_EXTRA_PATH"] = args.stub_path
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env)
+    samples: list[dict] = []
+    stop = threading.Event()
+    with TritonServer(options, log_path=out / "soak-server.log") as server:
+        began = time.monotonic()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib()})
+                stop.wait(args.every_s)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        binary, perf_env = perf_analyzer()
+        window_ms = int(args.minutes * 60_000 / 3)
+        report = out / "soak-perf.csv"
+        done = subprocess.run(
+            [binary, "-m", "stable_diffusion", "-i", "grpc", "-u", server.grpc_url, "--input-data", args.perf_input,
+             "--concurrency-range", f"{args.concurrency}:{args.concurrency}", "--measurement-interval", str(window_ms),
+             "--stability-percentage", "999", "--max-trials", "3", "-f", str(report), "--percentile", "99"],
+            env=perf_env, capture_output=True, text=True,
+        )
+        stop.set()
+        sampler.join()
+        samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib()})
+    (out / "soak-perf.log").write_text(done.stdout + done.stderr)
+    failed = [line for line in done.stdout.splitlines() if "failed" in line.lower() or "error" in line.lower()]
+    warm = next((s for s in samples if s["t_s"] >= window_ms / 1000), samples[0])
+    last = samples[-1]
+    grew_host = last["host_rss_mib"] - warm["host_rss_mib"]
+    grew_gpu = max((b - a for a, b in zip(warm["gpu_mib"], last["gpu_mib"])), default=0.0)
+    result = {
+        "command": " ".join(sys.argv), "minutes": args.minutes, "concurrency": args.concurrency,
+        "perf_analyzer_rc": done.returncode, "failure_lines": failed, "summary": done.stdout[-1500:],
+        "host_rss_growth_mib": round(grew_host, 1), "gpu_growth_mib": round(grew_gpu, 1), "samples": samples,
+    }
+    result["passed"] = done.returncode == 0 and not failed and grew_host <= args.slack_mib and grew_gpu <= args.slack_mib
+    device = (gpu_name() or "cpu").replace(" ", "-")
+    stem = out / f"{device}-{datetime.date.today().isoformat()}-soak"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(
+        f"# Soak on {device}\n\n`{result['command']}`\n\n"
+        f"- passed: {result['passed']} (perf_analyzer rc {done.returncode}, {len(failed)} failure lines)\n"
+        f"- host RSS after warm-up {warm['host_rss_mib']} MiB, at the end {last['host_rss_mib']} MiB\n"
+        f"- GPU MiB after warm-up {warm['gpu_mib']}, at the end {last['gpu_mib']}\n\n```\n{done.stdout[-1500:]}\n```\n"
+    )
+    print(stem.with_suffix(".md").read_text())
+    return 0 if result["passed"] else 1
+
+
+def gpu_name() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
