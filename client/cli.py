@@ -1,7 +1,7 @@
 """`sd-client "a prompt" -o out.png`: generate images through the Triton server.
 
 With -n N, N requests go out concurrently (seeds seed, seed+1, ...) and files are
-numbered: out-0.png, out-1.png, ...
+numbered: out-0.png, out-1.png, ...  `sd-client ui` serves a web page instead (ui.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from .api import SDClient, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd-client", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="sd-client", description=__doc__.split("\n")[0], epilog="sd-client ui serves a web page instead: see sd-client ui --help"
+    )
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default="out.png", help="PNG path (numbered when -n > 1)")
     parser.add_argument("-n", "--count", type=int, default=1, help="number of images, sent concurrently")
@@ -42,6 +44,11 @@ def _paths(output: str, count: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ui"]:  # a subcommand beside the prompt form (a prompt "ui": `sd-client -o out.png ui`)
+        from .ui import main as ui_main
+
+        return ui_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.count < 1:
         print("sd-client: -n must be at least 1", file=sys.stderr)

@@ -1,0 +1,227 @@
+"""The web page (`sd-client ui`) in a real headless Chromium against a real tritonserver:
+progress and previews while an image is made, the gallery with the parameters used,
+the server's errors on the page, and Cancel stopping the server's work.
+
+Needs Debian's `chromium` (`.ci/run` installs it) and the `playwright` package, which
+drives it without `playwright install`. Missing in CI, the tests fail; locally they skip.
+SD_UI_SCREENSHOT=docs/ui.png saves a screenshot of the page with its gallery."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.utils import assert_same_image
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]
+WAIT_MS = 120_000
+
+
+def missing(what: str):
+    message = f"{what}; .ci/run installs it"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def ui_url(server, tmp_path_factory):
+    """`sd-client ui` in its own process, on a free port, talking to the test server."""
+    from sd_backend.demo import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("ui") / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sd_client.cli", "ui", "--url", server.grpc_url, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"sd-client ui did not serve {url}:\n{log.read_text()}")
+            time.sleep(0.2)
+    assert f"sd-client ui: {url} " in log.read_text()  # loopback by default
+    yield url
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        missing("Debian's chromium is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("the playwright package is not installed (pip install -e '.[test]')")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, ui_url):
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(ui_url)
+    # every text the status line shows, with when, as the page's own events set it
+    page.evaluate(
+        """() => {
+          const status = document.getElementById("status");
+          window.statuses = [];
+          new MutationObserver(() => statuses.push([performance.now(), status.textContent]))
+            .observe(status, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from sd_client import SDClient
+
+    client = SDClient(server.grpc_url, "grpc", timeout_s=300)
+    yield client
+    client.close()
+
+
+def generate(page, **fields) -> None:
+    """Fill the form (blank fields stay blank) and press Generate."""
+    for name, value in fields.items():
+        selector = f"[name={name}]"
+        if name == "scheduler":
+            page.select_option(selector, value)
+        else:
+            page.fill(selector, str(value))
+    page.click("#generate")
+
+
+def wait_until_ready(page) -> None:
+    page.wait_for_function("() => !document.getElementById('generate').disabled")
+
+
+def gallery(page) -> list[dict]:
+    """Each gallery card, newest first: its prompt, parameters, seed and image."""
+    cards = page.eval_on_selector_all(
+        "#gallery figure",
+        """cards => cards.map(c => ({
+          prompt: c.querySelector('.prompt').textContent,
+          params: [...c.querySelectorAll('figcaption span')].map(s => s.textContent),
+          seed: c.dataset.seed,
+          src: c.querySelector('img').src,
+        }))""",
+    )
+    for card in cards:
+        card["image"] = decode_png(card.pop("src"))
+    return cards
+
+
+def decode_png(data_url: str) -> np.ndarray:
+    from PIL import Image
+
+    assert data_url.startswith("data:image/png;base64,"), data_url[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_generate_shows_every_step_then_the_image_with_its_parameters(page, client):
+    generate(page, prompt="a lighthouse at dusk", steps=4, width=64, height=64, scheduler="euler")
+    page.wait_for_selector("#gallery figure")
+    wait_until_ready(page)
+    statuses = [text for _, text in page.evaluate("statuses")]
+    assert [s for s in statuses if s.startswith("Step")] == [f"Step {i} of 4" for i in range(1, 5)]
+    assert page.eval_on_selector("#bar", "bar => [bar.value, bar.max]") == [4, 4]
+
+    (card,) = gallery(page)
+    seed = int(card["seed"])  # the form's seed was blank: the server picked one
+    assert statuses[-1].startswith(f"Done: seed {seed}, ")
+    assert card["prompt"] == "a lighthouse at dusk"
+    assert card["params"][:5] == [f"seed {seed}", "4 steps", "guidance 7.5", "64\u00d764", "euler"]
+    assert card["params"][5].endswith(" s")  # the latency
+    # the image on the page is the one the seed shown makes
+    expected = client.generate("a lighthouse at dusk", seed=seed, steps=4, guidance_scale=7.5, height=64, width=64, scheduler="euler")
+    assert_same_image(card["image"], expected.image, max_diff=0)
+
+    # a second image goes first in the gallery, with the seed and negative prompt asked for
+    generate(page, prompt="a red fox in snow", negative_prompt="blurry", seed=7, steps=6, width=128, height=96, scheduler="dpmpp_2m")
+    page.wait_for_selector("#gallery figure:nth-child(2)")
+    newest, oldest = gallery(page)
+    assert newest["prompt"] == "a red fox in snow"
+    assert newest["params"][:6] == ["negative: blurry", "seed 7", "6 steps", "guidance 7.5", "128\u00d796", "dpmpp_2m"]
+    assert newest["image"].shape == (96, 128, 3) and oldest["seed"] == str(seed)
+    assert page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight]") == [128, 96]
+    if os.environ.get("SD_UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["SD_UI_SCREENSHOT"], full_page=True)
+
+
+def test_a_server_error_shows_on_the_page_and_the_page_goes_on(page):
+    generate(page, prompt="a bad size", steps=2, width=64, height=65)
+    page.wait_for_selector("#message.error")
+    message = page.inner_text("#message")
+    assert "HEIGHT" in message and "65" in message, message
+    wait_until_ready(page)
+    assert page.query_selector("#gallery figure") is None
+
+    generate(page, height=64)
+    page.wait_for_selector("#gallery figure")
+    assert page.inner_text("#message") == ""  # the error is gone with the next request
+    assert "64\u00d764" in gallery(page)[0]["params"]
+
+
+def test_cancel_stops_the_servers_work_and_the_next_request_runs(page):
+    generate(page, prompt="a slow one", steps=150, width=256, height=256, scheduler="euler")
+    page.wait_for_function("() => /^Step ([5-9]|\\d\\d+) of 150$/.test(document.getElementById('status').textContent)")
+    # the latent preview, at 1/8 of the image's size, updates while the image is made
+    assert page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight]") == [32, 32]
+    page.click("#cancel")
+    wait_until_ready(page)
+    assert page.inner_text("#message").startswith("Cancelled"), page.inner_text("#message")
+    steps = [(t, int(text.split()[1])) for t, text in page.evaluate("statuses") if text.startswith("Step")]
+    (t0, first), (t1, last) = steps[0], steps[-1]
+    per_step = (t1 - t0) / 1000 / (last - first)
+    assert last < 150 and page.query_selector("#gallery figure") is None
+
+    began = time.perf_counter()
+    generate(page, prompt="the next one", steps=2, width=64, height=64)
+    page.wait_for_selector("#gallery figure")
+    # had the server gone on with the cancelled request, this one would wait for its remaining steps
+    assert time.perf_counter() - began < 40 * per_step, (time.perf_counter() - began, per_step, last)
+
+
+def test_bad_form_values_get_a_clear_error(ui_url):
+    def post(body: bytes, content_type="application/json"):
+        request = urllib.request.Request(ui_url + "api/generate", body, {"Content-Type": content_type})
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())["error"]
+        pytest.fail("the request was accepted")
+
+    assert post(b'{"steps": "four"}') == (400, "steps: 'four' is not a whole number")
+    assert post(b'{"guidance_scale": "nan"}') == (400, "guidance_scale: 'nan' is not a number")
+    assert post(b'{"seed": "%d"}' % 2**64) == (400, f"seed: {2**64} does not fit the server's 64-bit integer")
+    code, error = post(b'{"size": 64}')
+    assert code == 400 and "size" in error
+    code, error = post(b"steps=4", "application/x-www-form-urlencoded")  # another site's plain form
+    assert code == 415
