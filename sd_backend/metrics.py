@@ -2,7 +2,8 @@
 Triton's own (`nv_inference_*`):
 
 - `sd_images_generated_total`: images decoded.
-- `sd_denoise_steps_total`: denoising steps run (its rate is steps per second).
+- `sd_denoise_steps_total`: denoising steps run (its rate is steps per second); the
+  streaming model's are the series `{stage="stream"}`.
 - `sd_stage_seconds{stage}`: time of one execute() per stage, as a histogram.
 - `sd_batch_size{stage}`: requests per execute() per stage (dynamic batching at work).
 """
@@ -33,8 +34,11 @@ class StageMetrics:
         }
         if stage == "vae":
             self._metrics["images"] = self._families["images"].Metric(labels={})
-        if stage in ("unet", "stream"):  # both paths count into one counter
-            self._metrics["steps"] = self._families["steps"].Metric(labels={})
+        if stage in ("unet", "stream"):
+            # One series per model: in Triton 2.51 two models' metrics with the same labels
+            # are one series, which the first model to unload frees under the other (its
+            # next increment writes freed memory: the server aborts). Sum them to count both.
+            self._metrics["steps"] = self._families["steps"].Metric(labels={} if stage == "unet" else labels)
 
     def timed(self, requests: list, execute):
         """Run execute(), recording its duration and the batch size."""
