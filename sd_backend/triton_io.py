@@ -63,6 +63,42 @@ def internal(pb, error: Exception):
     return pb.InferenceResponse(error=pb.TritonError(f"{type(error).__name__}: {error}"))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: torch's OutOfMemoryError (CUDA), Python's MemoryError, or the
+    RuntimeError torch's CPU allocator raises."""
+    import torch
+
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def out_of_memory(pb, error: BaseException):
+    """An UNAVAILABLE response for a batch that ran out of memory.
+
+    Python backend 2.51 has no RESOURCE_EXHAUSTED. UNAVAILABLE (gRPC UNAVAILABLE, HTTP 503)
+    says "not now, retry", which fits: the same request can succeed alone, later, or on
+    another replica. INTERNAL would say the server is broken; INVALID_ARG that the request is.
+    """
+    return pb.InferenceResponse(
+        error=pb.TritonError(
+            f"out of memory: {type(error).__name__}: {error}; retry later or ask for a smaller image",
+            pb.TritonError.UNAVAILABLE,
+        )
+    )
+
+
+def _release_cached_memory() -> None:
+    """After an out-of-memory error, give the allocator's cached blocks back for the next batch."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Callable) -> list:
     """One response per request: `parse` each (ValueError fails that request alone),
     `run` the parsed ones as one batch, `reply` turns each result into a response."""
@@ -83,8 +119,12 @@ def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Calla
                 responses[i] = invalid(pb, err)
         except Exception as err:  # noqa: BLE001 - the server must answer every request
             results = None
+            failed = internal
+            if is_out_of_memory(err):
+                failed = out_of_memory
+                _release_cached_memory()
             for i in where:
-                responses[i] = internal(pb, err)
+                responses[i] = failed(pb, err)
         if results is not None:
             for i, item, result in zip(where, parsed, results):
                 responses[i] = reply(item, result)
