@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         env=env,
         log_verbose=args.log_verbose,
+        exit_timeout_s=args.exit_timeout,
         extra_args=args.tritonserver_args,
     )
     if args.open_admin_api:
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=ServerOptions.exit_timeout_s,
+        help="seconds requests in flight get to finish on SIGTERM/Ctrl-C (default %(default)s)",
+    )
     serve.add_argument(
         "--open-admin-api",
         action="store_true",

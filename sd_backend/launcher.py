@@ -7,10 +7,15 @@ backend directory made here: the Python backend plus the stub built for this
 interpreter's Python version. The stub embeds libpython in isolated mode and finds
 packages through the interpreter on PATH (it ignores PYTHONPATH in some builds), so
 this interpreter's `bin` goes first on PATH.
+
+`TritonServer` also does two things Triton 2.51 does not do by itself (README,
+"Reliability"): it drains requests in flight before the server stops, and it reloads a
+model whose Python-backend stub process died.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +48,12 @@ class ServerOptions:
     metrics_port: int = 8002
     env: dict[str, str] = field(default_factory=dict)  # SD_* deployment overrides
     log_verbose: int = 0
+    # On stop, requests in flight get this long to finish (Triton's --exit-timeout-secs too);
+    # the process is gone at most STOP_GRACE_S later.
     exit_timeout_s: int = 30
+    # Reloads of a model whose Python-backend stub died, per server; past it the model stays
+    # unloaded, so the server reports not ready and an orchestrator can replace it.
+    max_stub_restarts: int = 3
     python_shm_mb: int = 64  # Python-backend shared memory per model (a 1024x1024 image is 3 MB)
     # Model control, shared-memory, trace and logging APIs answer only requests that carry
     # the header `sd-admin-key: <admin_key>` (random per start unless set); None opens them.
@@ -115,6 +126,10 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
         f"--exit-timeout-secs={options.exit_timeout_s}",
         f"--log-verbose={options.log_verbose}",
         "--strict-readiness=true",
+        # explicit model control (every model still loads at start) lets the launcher drain
+        # the entry models on stop and reload a model whose stub died
+        "--model-control-mode=explicit",
+        "--load-model=*",
         # a unique shared-memory prefix lets several servers run on one host
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--backend-config=python,shm-default-byte-size={options.python_shm_mb * 1024 * 1024}",
@@ -127,14 +142,35 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
     return command + options.extra_args
 
 
+STOP_GRACE_S = 15  # after the drain, how long the signalled server may take to exit
+STUB_POLL_S = 0.5  # how often the watcher looks for dead Python-backend stubs
+
+
 class TritonServer:
-    """A running `tritonserver`; a context manager that stops it on exit."""
+    """A running `tritonserver`; a context manager that stops it on exit.
+
+    Graceful stop: on SIGINT/SIGTERM Triton 2.51 stops every model's scheduler at once, so
+    an ensemble request in flight fails at its next step ("Server is stopping"). `stop()`
+    first unloads the entry models (those no ensemble runs as a step): new requests get
+    NOT_FOUND and the server reports not ready, while requests in flight finish through
+    the composing models, which stay loaded. Then it signals the server.
+
+    Dead stubs: when a Python-backend stub process dies (OOM killer, segfault, kill -9),
+    Triton 2.51 fails that model's requests ("Stub process ... is not healthy") until it is
+    reloaded, restarts nothing, and still reports the model ready. A watcher thread sees
+    the stub gone within STUB_POLL_S, unloads the model (the server reports not ready),
+    then loads it again: a new stub. `stub_deaths` lists the models it found dead.
+    """
 
     def __init__(self, options: ServerOptions, log_path: Path | None = None):
         self.options = options
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self.shm_prefix = f"sdt{os.getpid()}_{id(self) % 10000}_"  # Python-backend regions in /dev/shm
+        self.stub_deaths: list[str] = []
         self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-"))
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def http_url(self) -> str:
@@ -151,7 +187,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         binary, tree = find_tritonserver()
         backend_dir = prepare_backend_dir(tree, self._workdir / "backends") if tree is not None else None
-        command = server_command(self.options, binary, backend_dir, f"sdt{os.getpid()}_{id(self) % 10000}_")
+        command = server_command(self.options, binary, backend_dir, self.shm_prefix)
         log = open(self.log_path, "wb") if self.log_path else None
         self.process = subprocess.Popen(
             command,
@@ -160,11 +196,20 @@ class TritonServer:
             stderr=subprocess.STDOUT if log else None,
             start_new_session=True,  # Ctrl-C reaches us; we forward it once
         )
+        self._watcher = threading.Thread(target=self._watch_stubs, name="sd-triton-stub-watcher", daemon=True)
+        self._watcher.start()
         return self
 
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def is_model_ready(self, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as reply:
                 return reply.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
@@ -179,19 +224,37 @@ class TritonServer:
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver was not ready within {timeout_s:.0f} s")
 
+    def stub_processes(self) -> dict[int, str]:
+        """{pid: model name} of the live Python-backend stubs of this server."""
+        stubs: dict[int, str] = {}
+        if self.process is None:
+            return stubs
+        for pid, argv in _processes(parent=self.process.pid).items():
+            # argv: stub, <repository>/<model>/<version>/model.py, shm region, ...
+            if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub") and _alive(pid):
+                stubs[pid] = Path(argv[1]).parent.parent.name
+        return stubs
+
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGINT (Triton's graceful shutdown), then SIGKILL past the exit timeout."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        timeout_s = self.options.exit_timeout_s + 15 if timeout_s is None else timeout_s
-        self.process.send_signal(signal.SIGINT)
+        """Drain the entry models, SIGINT (Triton's graceful shutdown), SIGKILL past the deadline.
+
+        Requests in flight get `exit_timeout_s` (or `timeout_s`) to finish; the process is
+        gone at most STOP_GRACE_S later. Stubs left behind and their shared memory go too.
+        """
+        self._stopping.set()
         try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return None if self.process is None else self.process.returncode
+            deadline = time.monotonic() + (self.options.exit_timeout_s if timeout_s is None else timeout_s)
+            self._drain(deadline)
+            self.process.send_signal(signal.SIGINT)
+            try:
+                return self.process.wait(max(0.0, deadline - time.monotonic()) + STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                return self.process.wait()
         finally:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._clean_up()
 
     def __enter__(self) -> "TritonServer":
         self.start()
@@ -204,3 +267,124 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # --- model control (the admin API) ---------------------------------------------------
+
+    def _admin(self, path: str, timeout_s: float, body: dict | None = None):
+        headers = {"Content-Type": "application/json"}
+        if self.options.admin_key is not None:
+            headers[ADMIN_HEADER] = self.options.admin_key
+        request = urllib.request.Request(
+            f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(), headers=headers, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            text = reply.read()
+        return json.loads(text) if text else None
+
+    def _model_states(self, timeout_s: float = 10) -> dict[str, str]:
+        return {m["name"]: m.get("state", "") for m in self._admin("/v2/repository/index", timeout_s)}
+
+    def _entry_models(self, states: dict[str, str], timeout_s: float = 10) -> list[str]:
+        """Loaded models that no ensemble runs as a step: where requests come in."""
+        steps = set()
+        for model, state in states.items():
+            if state == "READY":
+                url = f"http://{self.http_url}/v2/models/{model}/config"
+                with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                    config = json.loads(reply.read())
+                steps |= {step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])}
+        return [model for model, state in states.items() if state == "READY" and model not in steps]
+
+    def _drain(self, deadline: float) -> None:
+        """Unload the entry models and wait until their requests in flight are done."""
+
+        def left() -> float:  # no call outlives the deadline
+            return max(0.1, min(10.0, deadline - time.monotonic()))
+
+        try:
+            entry = self._entry_models(self._model_states(left()), left())
+            for model in entry:
+                self._admin(f"/v2/repository/models/{model}/unload", left())
+            # an unloading model keeps serving the requests it holds; it is UNAVAILABLE once they are done
+            while time.monotonic() < deadline:
+                states = self._model_states(left())
+                if all(states.get(model) not in ("READY", "UNLOADING") for model in entry):
+                    return
+                time.sleep(0.2)
+        except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError) as err:
+            if not isinstance(getattr(err, "reason", err), ConnectionRefusedError):  # refused: nothing to drain
+                print(f"sd-triton: could not drain before stopping ({err}); stopping anyway", file=sys.stderr, flush=True)
+
+    # --- dead stubs ----------------------------------------------------------------------
+
+    def _watch_stubs(self) -> None:
+        watched: dict[int, str] = {}  # stubs seen while their model was ready
+        while not self._stopping.wait(STUB_POLL_S):
+            if self.process is None or self.process.poll() is not None:
+                return
+            for pid, model in self.stub_processes().items():
+                # a stub of a model that is loading (or an auto-complete stub) is not watched yet
+                if pid not in watched and self.is_model_ready(model):
+                    watched[pid] = model
+            for pid, model in list(watched.items()):
+                if _alive(pid):
+                    continue
+                del watched[pid]
+                # a stub also exits when its model is unloaded on purpose; then the model is not ready
+                if not self._stopping.is_set() and self.is_model_ready(model):
+                    self._reload(model)
+
+    def _reload(self, model: str) -> None:
+        self.stub_deaths.append(model)
+        again = len(self.stub_deaths) <= self.options.max_stub_restarts
+        print(
+            f"sd-triton: the Python-backend stub of model '{model}' died; "
+            + ("reloading the model" if again else f"leaving it unloaded ({self.options.max_stub_restarts} reloads done)"),
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            self._admin(f"/v2/repository/models/{model}/unload", 30)
+            if again:
+                # ensembles that run the model as a step are unloaded with it and load again after it
+                self._admin(f"/v2/repository/models/{model}/load", 900)
+                print(f"sd-triton: model '{model}' reloaded", file=sys.stderr, flush=True)
+        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            print(f"sd-triton: reloading model '{model}' failed: {err}", file=sys.stderr, flush=True)
+
+    def _clean_up(self) -> None:
+        """Kill stubs the server left behind (it crashed, or was killed) and remove their shared memory."""
+        for pid, argv in _processes().items():
+            if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub") and argv[2].startswith(self.shm_prefix):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _processes(parent: int | None = None) -> dict[int, list[str]]:
+    """{pid: argv} of the processes this user can see (from /proc), or of `parent`'s children."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if parent is not None and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        found[int(entry.name)] = [arg.decode(errors="replace") for arg in argv if arg]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not exited: an exited stub stays a zombie until the server reaps it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
