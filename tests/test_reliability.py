@@ -183,6 +183,7 @@ def test_signal_lets_requests_in_flight_finish_refuses_new_ones_and_exits(cache_
                 alone[seed] = c.generate("shutdown", seed=seed, **params).image
 
         results: dict[int, object] = {}
+        finished: dict[int, float] = {}
 
         def in_flight(seed: int, protocol: str) -> None:
             # a client of its own, closed at once: Triton's HTTP server waits for open connections
@@ -191,6 +192,7 @@ def test_signal_lets_requests_in_flight_finish_refuses_new_ones_and_exits(cache_
                     results[seed] = c.generate("shutdown", seed=seed, **params)
                 except Exception as err:  # noqa: BLE001 - reported below
                     results[seed] = err
+                finished[seed] = time.monotonic()
 
         threads = [threading.Thread(target=in_flight, args=(s, "grpc" if i % 2 else "http")) for i, s in enumerate(seeds)]
         for thread in threads:
@@ -217,6 +219,7 @@ def test_signal_lets_requests_in_flight_finish_refuses_new_ones_and_exits(cache_
               f"{sum(not isinstance(r, Exception) for r in results.values())} succeeded; "
               f"new requests refused {late_errors}; ready after the signal: {readiness}; "
               f"exit code {code} {exited_s:.1f} s after the signal (exit timeout {exit_timeout_s} s)")
+        assert max(finished.values()) > signalled + 0.5, "nothing was in flight when the signal came"
         for seed in seeds:
             result = results.get(seed)
             assert not isinstance(result, Exception) and result is not None, f"seed {seed}: {result}"
