@@ -40,6 +40,18 @@ def read_scalar(pb, request, name: str) -> Any:
     return values[0].item()
 
 
+# the ensemble's numeric generation inputs and the keyword each has in check_params
+GENERATION_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
+
+
+def read_generation_inputs(pb, request) -> dict[str, Any]:
+    """SEED, STEPS, GUIDANCE_SCALE, HEIGHT, WIDTH and SCHEDULER as check_params keywords
+    (None where absent, so the deployment default applies)."""
+    raw = {arg: read_scalar(pb, request, name) for name, arg in GENERATION_NUMBERS.items()}
+    raw["scheduler"] = read_text(pb, request, "SCHEDULER")
+    return raw
+
+
 def to_torch(tensor):
     """A Triton tensor as a torch tensor, on whatever device it lives on (no numpy copy)."""
     import torch

@@ -20,7 +20,6 @@ from sd_backend.metrics import StageMetrics
 from sd_backend.stages import DenoiseJob, UNetStage
 from sd_backend.streaming import Cancelled, step_reporter
 
-_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -60,9 +59,7 @@ class TritonPythonModel:
         sender.send(final, flags=_FINAL)
 
     def _generate(self, request, sender):
-        raw = {arg: io.read_scalar(pb_utils, request, name) for name, arg in _NUMBERS.items()}
-        raw["scheduler"] = io.read_text(pb_utils, request, "SCHEDULER")
-        params = self.stage.check(**raw)
+        params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
         every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
         if not 0 <= every <= params.steps:
             raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")

@@ -14,8 +14,6 @@ from sd_backend import triton_io as io
 from sd_backend.metrics import StageMetrics
 from sd_backend.stages import DenoiseJob, UNetStage
 
-_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
-
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -24,9 +22,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def parse(request):
-            raw = {arg: io.read_scalar(pb_utils, request, name) for name, arg in _NUMBERS.items()}
-            raw["scheduler"] = io.read_text(pb_utils, request, "SCHEDULER")
-            params = self.stage.check(**raw)
+            params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
             embeds = io.to_torch(pb_utils.get_input_tensor_by_name(request, "PROMPT_EMBEDS"))[0]
             negative = io.to_torch(pb_utils.get_input_tensor_by_name(request, "NEGATIVE_EMBEDS"))[0]
             return DenoiseJob(params, embeds, negative)
