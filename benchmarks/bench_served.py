@@ -99,13 +99,7 @@ def server_options(args, level: str) -> ServerOptions:
 
 def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:
     began = time.perf_counter()
-    server = TritonServer(options, log_path=log).start()
-    try:
-        server.wait_ready(900)
-    except Exception:
-        server.stop()
-        print(log.read_text()[-4000:])
-        raise
+    server = TritonServer(options, log_path=log).start_ready(900)
     return server, round(time.perf_counter() - began, 1)
 
 

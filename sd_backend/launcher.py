@@ -256,14 +256,21 @@ class TritonServer:
         finally:
             self._clean_up()
 
-    def __enter__(self) -> "TritonServer":
+    def start_ready(self, timeout_s: float = 300.0) -> "TritonServer":
+        """start() and wait_ready(); on failure the server is stopped and the end of its
+        log printed to stderr."""
         self.start()
         try:
-            self.wait_ready()
+            self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
+            if self.log_path is not None and Path(self.log_path).exists():
+                print(Path(self.log_path).read_text(errors="replace")[-5000:], file=sys.stderr)
             raise
         return self
+
+    def __enter__(self) -> "TritonServer":
+        return self.start_ready()
 
     def __exit__(self, *exc) -> None:
         self.stop()

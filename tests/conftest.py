@@ -67,14 +67,7 @@ def server(cache_dir, tiny_dir, tmp_path_factory):
         metrics_port=free_port(),
         env={"SD_MODEL": "tiny", "SD_CACHE_DIR": str(cache_dir)},
     )
-    srv = TritonServer(options, log_path=log)
-    srv.start()
-    try:
-        srv.wait_ready(300)
-    except Exception:
-        srv.stop()
-        print(log.read_text()[-5000:])
-        raise
+    srv = TritonServer(options, log_path=log).start_ready(300)
     yield srv
     srv.stop()
     if os.environ.get("SD_TEST_SHOW_LOG"):

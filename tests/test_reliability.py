@@ -61,13 +61,7 @@ def running_server(cache_dir, log_dir: Path, **options):
         ),
         log_path=log,
     )
-    server.start()
-    try:
-        server.wait_ready(300)
-    except Exception:
-        server.stop()
-        print(log.read_text()[-5000:])
-        raise
+    server.start_ready(300)
     try:
         yield server
     finally:
