@@ -201,15 +201,14 @@ class TritonServer:
         return self
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
+        return self._answers_ok("/v2/health/ready")
 
     def is_model_ready(self, model: str) -> bool:
+        return self._answers_ok(f"/v2/models/{model}/ready")
+
+    def _answers_ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2) as reply:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as reply:
                 return reply.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
@@ -229,9 +228,8 @@ class TritonServer:
         stubs: dict[int, str] = {}
         if self.process is None:
             return stubs
-        for pid, argv in _processes(parent=self.process.pid).items():
-            # argv: stub, <repository>/<model>/<version>/model.py, shm region, ...
-            if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub") and _alive(pid):
+        for pid, argv in _stubs(parent=self.process.pid).items():
+            if _alive(pid):
                 stubs[pid] = Path(argv[1]).parent.parent.name
         return stubs
 
@@ -361,8 +359,8 @@ class TritonServer:
 
     def _clean_up(self) -> None:
         """Kill stubs the server left behind (it crashed, or was killed) and remove their shared memory."""
-        for pid, argv in _processes().items():
-            if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub") and argv[2].startswith(self.shm_prefix):
+        for pid, argv in _stubs().items():
+            if argv[2].startswith(self.shm_prefix):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
@@ -386,6 +384,16 @@ def _processes(parent: int | None = None) -> dict[int, list[str]]:
             continue
         found[int(entry.name)] = [arg.decode(errors="replace") for arg in argv if arg]
     return found
+
+
+def _stubs(parent: int | None = None) -> dict[int, list[str]]:
+    """{pid: argv} of Python-backend stubs (of `parent` when given); argv is the stub,
+    <repository>/<model>/<version>/model.py, its shared-memory region, ..."""
+    return {
+        pid: argv
+        for pid, argv in _processes(parent).items()
+        if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub")
+    }
 
 
 def _alive(pid: int) -> bool:

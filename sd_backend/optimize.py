@@ -63,11 +63,9 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
             log.info("patched UNet with Triton kernels: %s", counts)
         if inductor:  # inductor's fusions inside our whole-loop graphs (its own graphs off)
             stage.unet = torch.compile(stage.unet, mode="default", dynamic=False)
-        stage.graphs = LoopGraphs(stage)
-        if capture:
-            stage.graphs.capture_defaults()
     elif level == "deepspeed":
         stage.unet = inject_deepspeed(stage.unet)
+    if level in ("triton", "deepspeed"):
         stage.graphs = LoopGraphs(stage)
         if capture:
             stage.graphs.capture_defaults()

@@ -111,6 +111,17 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def error_response(pb, error: Exception):
+    """The response for a failed request: INVALID_ARG for a ValueError (the user's input),
+    UNAVAILABLE for out of memory (after giving cached memory back), INTERNAL otherwise."""
+    if isinstance(error, ValueError):
+        return invalid(pb, error)
+    if is_out_of_memory(error):
+        _release_cached_memory()
+        return out_of_memory(pb, error)
+    return internal(pb, error)
+
+
 def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Callable) -> list:
     """One response per request: `parse` each (ValueError fails that request alone),
     `run` the parsed ones as one batch, `reply` turns each result into a response."""
@@ -125,30 +136,22 @@ def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Calla
     if parsed:
         try:
             results = run(parsed)
-        except ValueError as err:
-            results = None
-            for i in where:
-                responses[i] = invalid(pb, err)
         except Exception as err:  # noqa: BLE001 - the server must answer every request
             results = None
-            failed = internal
-            if is_out_of_memory(err):
-                failed = out_of_memory
-                _release_cached_memory()
             for i in where:
-                responses[i] = failed(pb, err)
+                responses[i] = error_response(pb, err)
         if results is not None:
             for i, item, result in zip(where, parsed, results):
                 responses[i] = reply(item, result)
     return responses
 
 
-def load_stage(stage_class, args):
+def load_stage(stage_class, args, **options):
     """A stage built from the model's config.pbtxt parameters (and SD_* overrides), placed
-    on the device Triton gave this model instance."""
+    on the device Triton gave this model instance; `options` go to its `from_config`."""
     from .config import DeploymentConfig
 
-    return stage_class.from_config(DeploymentConfig.from_triton_args(args), instance_device(args))
+    return stage_class.from_config(DeploymentConfig.from_triton_args(args), instance_device(args), **options)
 
 
 def instance_device(args) -> str | None:

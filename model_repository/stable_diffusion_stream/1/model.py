@@ -15,7 +15,6 @@ try:
 except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
-from sd_backend.config import DeploymentConfig
 from sd_backend.metrics import StageMetrics
 from sd_backend.stages import DenoiseJob, UNetStage
 from sd_backend.streaming import Cancelled, step_reporter
@@ -36,9 +35,8 @@ def _call(model: str, inputs: list, outputs: list[str]) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = DeploymentConfig.from_triton_args(args)
         # kernels yes, whole-loop graphs no: this loop reports every step
-        self.stage = UNetStage.from_config(config, io.instance_device(args), capture=False)
+        self.stage = io.load_stage(UNetStage, args, capture=False)
         self.metrics = StageMetrics(pb_utils, "stream")
 
     def execute(self, requests):
@@ -50,12 +48,10 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             final = self._generate(request, sender)
-        except ValueError as err:
-            final = io.invalid(pb_utils, err)
         except Cancelled as err:
             final = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.CANCELLED))
         except Exception as err:  # noqa: BLE001 - the client must get an answer
-            final = io.internal(pb_utils, err)
+            final = io.error_response(pb_utils, err)
         sender.send(final, flags=_FINAL)
 
     def _generate(self, request, sender):
