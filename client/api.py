@@ -69,7 +69,7 @@ class SDClient:
             self._clients.append(client)
         return client
 
-    def build_inputs(self, prompt: str, module=None, **parameters: Any) -> list:
+    def build_inputs(self, prompt: str, **parameters: Any) -> list:
         """The ensemble's inputs for one request; None-valued parameters are left out."""
         spec = {
             "PROMPT": (prompt, "BYTES"),
@@ -82,7 +82,6 @@ class SDClient:
             "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
             "PREVIEW_EVERY": (parameters.get("preview_every"), "INT32"),
         }
-        module = module or self._module
         inputs = []
         for name, (value, dtype) in spec.items():
             if value is None:
@@ -91,7 +90,7 @@ class SDClient:
                 array = np.array([[value.encode("utf-8") if isinstance(value, str) else value]], dtype=object)
             else:
                 array = np.array([[value]], dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
-            tensor = module.InferInput(name, list(array.shape), dtype)
+            tensor = self._module.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         return inputs
@@ -145,14 +144,12 @@ class SDClient:
         setting `cancel`, cancels the request on the server and raises `Cancelled`."""
         import queue
 
-        import tritonclient.grpc as grpc
-
         if self.protocol != "grpc":
             raise ValueError("stream: progress needs gRPC streaming; use protocol='grpc'")
         events: queue.Queue = queue.Queue()
         parameters = {k: v for k, v in parameters.items() if v is not None}
-        inputs = self.build_inputs(prompt, module=grpc, preview_every=preview_every or None, **parameters)
-        client = grpc.InferenceServerClient(self.url)
+        inputs = self.build_inputs(prompt, preview_every=preview_every or None, **parameters)
+        client = self._module.InferenceServerClient(self.url)  # a stream of its own: one per client object
         start = time.perf_counter()
         client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s)
         try:
@@ -172,14 +169,17 @@ class SDClient:
                 if result.as_numpy("IMAGE") is not None:
                     final = result
                 elif result.as_numpy("STEP") is not None:
-                    progress = Progress(int(result.as_numpy("STEP").reshape(-1)[0]), int(result.as_numpy("TOTAL_STEPS").reshape(-1)[0]), None)
                     preview = result.as_numpy("PREVIEW")
-                    progress.preview = None if preview is None else preview[0]
-                    if on_progress is not None and on_progress(progress) is False:
+                    progress = Progress(
+                        int(result.as_numpy("STEP").reshape(-1)[0]),
+                        int(result.as_numpy("TOTAL_STEPS").reshape(-1)[0]),
+                        None if preview is None else preview[0],
+                    )
+                    stop = on_progress is not None and on_progress(progress) is False
+                    if stop or (cancel is not None and cancel.is_set()):
                         raise Cancelled(f"cancelled at step {progress.step} of {progress.total}")
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"cancelled at step {progress.step} of {progress.total}")
-                if result.get_response().parameters.get("triton_final_response", None) is not None and result.get_response().parameters["triton_final_response"].bool_param:
+                last = result.get_response().parameters.get("triton_final_response")
+                if last is not None and last.bool_param:
                     break
         except BaseException:
             client.stop_stream(cancel_requests=True)  # the server stops at its next step

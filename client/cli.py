@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cancel = threading.Event()
     bar = _bar(args.count, args.progress)
     steps_done = [0] * args.count
+    lock = threading.Lock()
 
     def one(i: int):
         seed = None if args.seed is None else args.seed + i
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         result = client.stream(args.prompt, seed=seed, on_progress=advance, cancel=cancel, **parameters)
         return save_png(result, paths[i]), result
 
-    lock = threading.Lock()
     failures = 0
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(args.count, 32))
     futures = [pool.submit(one, i) for i in range(args.count)]
@@ -107,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         cancel.set()  # streamed requests are cancelled on the server at their next step
         bar.write("cancelled")
-        pool.shutdown(wait=True, cancel_futures=True)
         return 130
     finally:
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         client.close()
     return 1 if failures else 0
