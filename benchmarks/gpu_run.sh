@@ -2,6 +2,9 @@
 # On the GPU host, from the repo root (carry .whl): GPU tests, kernel microbenchmarks
 # and the end-to-end benchmark, results under $OUT (or benchmarks/results).
 #   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [e2e SYSTEMS] [served "ARGS"] [soak "ARGS"]
+#                              [soak-start "ARGS"]
+# soak-start runs the soak in its own process session (it outlives this command; results
+# under /tmp/soak) and returns once the server answers; collect with benchmarks/soak_wait.sh.
 #   e.g. bash benchmarks/gpu_run.sh tests "tests/kernels tests/gpu" kernels e2e eager,triton,compile
 set -uo pipefail
 source .whl/bootstrap.sh
@@ -25,6 +28,10 @@ while [ $# -gt 0 ]; do
     # the served stubs get numpy 1.26 first (--stub-path), every other process numpy 2
     served) python3 benchmarks/bench_served.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/bench_served.log" | tail -40; shift ;;
     soak) python3 benchmarks/soak.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/soak.log" | tail -30; shift ;;
+    soak-start)
+      rm -rf /tmp/soak && mkdir -p /tmp/soak
+      setsid nohup bash -c "python3 benchmarks/soak.py --stub-path /tmp/np1 --out /tmp/soak $2 > /tmp/soak/soak.log 2>&1; echo \$? > /tmp/soak/rc" > /dev/null 2>&1 < /dev/null &
+      bash benchmarks/soak_wait.sh 600 first; shift ;;
     e2e) python3 benchmarks/bench_e2e.py --systems "$2" --out "$OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40; shift ;;
   esac
   shift

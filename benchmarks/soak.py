@@ -5,8 +5,11 @@
 Runs perf_analyzer at a fixed concurrency in three measurement windows of minutes/3 each
 (so its stability check cannot end the run early) and samples, every --every-s seconds,
 the GPU memory in use (nvidia-smi, when there is one) and the resident memory of
-tritonserver and its backend stubs. Passes when perf_analyzer saw no failed request and
-memory at the end is within --slack-mib of memory after the first window (warm-up).
+tritonserver and its backend stubs. Each sample also reads the
+server's own request counters (Triton's metrics endpoint), and the samples so far are
+rewritten to soak-progress.json every time, so a run cut short still leaves its record.
+Passes when perf_analyzer saw no failed request, the server counted no failed request,
+and memory at the end is within --slack-mib of memory after the first window (warm-up).
 Writes benchmarks/results/<device>-<date>-soak.json and .md.
 """
 
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +54,20 @@ def gpu_used_mib() -> list[float]:
         return []
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True)
     return [float(x) for x in out.stdout.split()] if out.returncode == 0 else []
+
+
+def request_counts(metrics_url: str, model: str) -> dict[str, int]:
+    """The server's success and failure counters for one model (Prometheus text format)."""
+    counts = {"success": 0, "failure": 0}
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    except OSError:
+        return counts
+    for line in text.splitlines():
+        for kind in counts:
+            if line.startswith(f"nv_inference_request_{kind}{{") and f'model="{model}"' in line:
+                counts[kind] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 def main() -> int:
@@ -84,9 +102,14 @@ def main() -> int:
     with TritonServer(options, log_path=out / "soak-server.log") as server:
         began = time.monotonic()
 
+        def take_sample() -> None:
+            samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib(),
+                            "requests": request_counts(server.metrics_url, "stable_diffusion")})
+            (out / "soak-progress.json").write_text(json.dumps(samples, indent=1))
+
         def sample() -> None:
             while not stop.is_set():
-                samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib()})
+                take_sample()
                 stop.wait(args.every_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -102,25 +125,27 @@ def main() -> int:
         )
         stop.set()
         sampler.join()
-        samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib()})
+        take_sample()
     (out / "soak-perf.log").write_text(done.stdout + done.stderr)
     failed = [line for line in done.stdout.splitlines() if "failed" in line.lower() or "error" in line.lower()]
     warm = next((s for s in samples if s["t_s"] >= window_ms / 1000), samples[0])
     last = samples[-1]
     grew_host = last["host_rss_mib"] - warm["host_rss_mib"]
     grew_gpu = max((b - a for a, b in zip(warm["gpu_mib"], last["gpu_mib"])), default=0.0)
+    served = last["requests"]
     result = {
-        "command": " ".join(sys.argv), "minutes": args.minutes, "concurrency": args.concurrency,
+        "command": " ".join(sys.argv), "minutes": args.minutes, "concurrency": args.concurrency, "server_requests": served,
         "perf_analyzer_rc": done.returncode, "failure_lines": failed, "summary": done.stdout[-1500:],
         "host_rss_growth_mib": round(grew_host, 1), "gpu_growth_mib": round(grew_gpu, 1), "samples": samples,
     }
-    result["passed"] = done.returncode == 0 and not failed and grew_host <= args.slack_mib and grew_gpu <= args.slack_mib
+    result["passed"] = done.returncode == 0 and not failed and served["failure"] == 0 and grew_host <= args.slack_mib and grew_gpu <= args.slack_mib
     device = (gpu_name() or "cpu").replace(" ", "-")
     stem = out / f"{device}-{datetime.date.today().isoformat()}-soak"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(
         f"# Soak on {device}\n\n`{result['command']}`\n\n"
         f"- passed: {result['passed']} (perf_analyzer rc {done.returncode}, {len(failed)} failure lines)\n"
+        f"- requests counted by the server: {served['success']} succeeded, {served['failure']} failed\n"
         f"- host RSS after warm-up {warm['host_rss_mib']} MiB, at the end {last['host_rss_mib']} MiB\n"
         f"- GPU MiB after warm-up {warm['gpu_mib']}, at the end {last['gpu_mib']}\n\n```\n{done.stdout[-1500:]}\n```\n"
     )
