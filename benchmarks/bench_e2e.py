@@ -6,7 +6,8 @@ Systems: `eager` (diffusers' StableDiffusionPipeline as it is), `compile` (the s
 a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this project's stages with the whole-loop CUDA graphs, no custom kernels),
 `triton` (the same plus this project's Triton kernels at every supported shape;
 `triton-measure` picks kernel or torch op per shape by timing each alone, `-nofuse`
-keeps separate q/k/v projections) and `inductor` (the whole-loop graphs around a UNet compiled by
+keeps separate q/k/v projections, `-copies` keeps diffusers' layout copies around the
+attention and the transformer blocks' 1x1 projections) and `inductor` (the whole-loop graphs around a UNet compiled by
 torch.compile's default mode, without its own CUDA graphs). For each: seconds per image at
 batch 1 (median and min of --repeats), images/s at --batch, time from start to first
 image (load + compile/capture + one image), peak GPU memory while generating at batch 1,
@@ -111,9 +112,10 @@ def build(name: str, args):
 
 
 def measure(name: str, args, reference_latents) -> dict:
-    # triton-measure: per-shape timing decides; -nofuse: separate q/k/v GEMMs
+    # triton-measure: per-shape timing decides; -nofuse: separate q/k/v GEMMs; -copies: layout copies kept
     os.environ["SD_KERNEL_DISPATCH"] = "measure" if "-measure" in name else "always"
     os.environ["SD_FUSE_PROJECTIONS"] = "0" if name.endswith("-nofuse") else "1"
+    os.environ["SD_KEEP_LAYOUT"] = "0" if name.endswith("-copies") else "1"
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

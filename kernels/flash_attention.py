@@ -194,13 +194,17 @@ def _check_device(name, t):
     )
 
 
-def flash_attention(q, k, v, scale=None):
+def flash_attention(q, k, v, scale=None, out=None):
     """softmax(scale * q k^T) v, non-causal, no mask.
 
     q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); any strides.
     dtype float16, bfloat16 or float32 (all three the same); head_dim 1..256.
     scale defaults to 1 / sqrt(head_dim), as in F.scaled_dot_product_attention.
-    Returns a contiguous (batch, heads, q_len, head_dim) tensor of q's dtype.
+    Returns a contiguous (batch, heads, q_len, head_dim) tensor of q's dtype, or writes
+    into `out`, a tensor of that shape, dtype and device with any strides whose head_dim
+    stride is 1, and returns it: e.g. the (batch, heads, q_len, head_dim) view of a
+    (batch, q_len, heads, head_dim) buffer, which the output projection reads as
+    (batch, q_len, heads * head_dim) without a transposing copy.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -243,7 +247,13 @@ def flash_attention(q, k, v, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
 
-    out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"flash_attention: out is {got}; allowed: {tuple(q.shape)} {q.dtype} on {q.device}")
+    elif out.stride(3) != 1 or any(out.stride(i) == 0 and out.shape[i] > 1 for i in range(3)):
+        raise ValueError(f"flash_attention: out has strides {out.stride()}; allowed: head_dim stride 1, no broadcast dims")
     if out.numel() == 0:
         return out
     # tl.dot needs K >= 16

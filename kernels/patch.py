@@ -10,7 +10,10 @@ input, a supported dtype, no autograd needed) and the torch op it replaces other
 on CPU a patched model computes exactly what the unpatched one does. With "group_norm",
 ResnetBlock2D blocks also run their tail through group_norm's pre_add (conv1's bias and the
 time embedding) and bias_residual (conv2's and conv_shortcut's biases, the residual, the
-output scale).
+output scale). With "attention", Transformer2DModel blocks keep a channels-last input
+channels-last through proj_in and proj_out (1x1 convs as GEMMs on the pixel rows) and
+the attention kernel writes its output in the layout to_out reads: the transposing
+copies diffusers makes there are gone (SD_KEEP_LAYOUT=0 brings them back, for A/B runs).
 
 Triton is imported on first use of a kernel, not here: without it this module imports
 and CPU models work.
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from kernels import dispatch
 
@@ -132,9 +136,13 @@ class TritonAttnProcessor:
         if self._use_kernel(query, key, value, attention_mask):
             from kernels import flash_attention
 
+            # rows of (batch, q_len, heads * head_dim), as to_out reads them: no transposing copy
+            out = None
+            if _keep_layout():
+                out = query.new_empty(batch_size, query.shape[2], attn.heads, head_dim).transpose(1, 2)
             hidden_states = dispatch.run(
                 ("attention", tuple(query.shape), key.shape[-2], query.dtype),
-                lambda: flash_attention(query, key, value),
+                lambda: flash_attention(query, key, value, out=out),
                 lambda: F.scaled_dot_product_attention(query, key, value),
                 query.device,
             )
@@ -155,8 +163,72 @@ class TritonAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
 
-        hidden_states = hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0 or not _keep_layout():  # x / 1.0 is x, without a pass over memory
+            hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+def _keep_layout():
+    """SD_KEEP_LAYOUT=0 restores diffusers' layout copies (for the benchmark's A/B), read per call."""
+    return os.environ.get("SD_KEEP_LAYOUT", "1") != "0"
+
+
+class TritonTransformer2DModel(Transformer2DModel):
+    """Transformer2DModel whose continuous-input path keeps a channels-last input channels-last.
+
+    diffusers turns the blocks' (batch, h*w, C) output into an NCHW-contiguous tensor
+    before proj_out (a transposing copy, and cuDNN converts back for the channels-last
+    weights). Rows of (batch, h*w, C) already are a channels-last (batch, C, h, w) tensor,
+    so here the 1x1 projections run as GEMMs on those rows (F.linear with the conv's
+    weight viewed (C_out, C_in)) and the output is a channels-last view. NCHW inputs,
+    other projections and autograd take diffusers' own path.
+    """
+
+    def _keeps_layout(self, hidden_states):
+        return (
+            _keep_layout()
+            and _is_kernel_device(hidden_states)
+            and _no_autograd(hidden_states)
+            and hidden_states.dim() == 4
+            and hidden_states.is_contiguous(memory_format=torch.channels_last)
+            and (self.use_linear_projection or (_is_pointwise(self.proj_in) and _is_pointwise(self.proj_out)))
+        )
+
+    def _operate_on_continuous_inputs(self, hidden_states):
+        if not self._keeps_layout(hidden_states):
+            return super()._operate_on_continuous_inputs(hidden_states)
+        batch, _, height, width = hidden_states.shape
+        hidden_states = self.norm(hidden_states)
+        if not hidden_states.is_contiguous(memory_format=torch.channels_last):
+            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
+        rows = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # a view
+        hidden_states = self.proj_in(rows) if self.use_linear_projection else _pointwise(self.proj_in, rows)
+        return hidden_states, hidden_states.shape[-1]
+
+    def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        if not self._keeps_layout(residual) or not hidden_states.is_contiguous():
+            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width, inner_dim)
+        hidden_states = self.proj_out(hidden_states) if self.use_linear_projection else _pointwise(self.proj_out, hidden_states)
+        # (batch, h*w, C) rows are the channels-last (batch, C, h, w) tensor
+        hidden_states = hidden_states.view(batch_size, height, width, -1).permute(0, 3, 1, 2)
+        return hidden_states + residual
+
+
+def _is_pointwise(conv):
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _pointwise(conv, rows):
+    """A 1x1 Conv2d applied to (batch, pixels, C_in) rows: (batch, pixels, C_out)."""
+    return F.linear(rows, conv.weight.view(conv.out_channels, conv.in_channels), conv.bias)
 
 
 def _fused_projection(attn, names, hidden_states):
@@ -426,6 +498,11 @@ def patch_attention(module, min_kv_len=0):
     return count
 
 
+def patch_transformers(module):
+    """Swap Transformer2DModel -> TritonTransformer2DModel (channels-last kept), in place. Returns how many."""
+    return sum(_swap_class(m, Transformer2DModel, TritonTransformer2DModel) for m in list(module.modules()))
+
+
 def _swap_class(module, base, patched):
     # exact type only: a subclass of base may have its own forward
     if type(module) is base:
@@ -468,8 +545,9 @@ def patch_geglu(module):
 def patch_model(module, ops=OPS, min_kv_len=0):
     """Patch the selected ops ("attention", "group_norm", "layer_norm", "geglu") into module, in place.
 
-    Returns the counts replaced, e.g. {"attention": 32, "group_norm": 61,
-    "resnet_silu_fused": 22, "layer_norm": 48, "geglu": 16} for the SD 1.5 UNet.
+    Returns the counts replaced, e.g. {"attention": 32, "transformer_layout": 16,
+    "group_norm": 61, "resnet_silu_fused": 22, "layer_norm": 48, "geglu": 16} for the
+    SD 1.5 UNet. "attention" also swaps Transformer2DModel for TritonTransformer2DModel.
     """
     unknown = [op for op in ops if op not in OPS]
     if unknown:
@@ -477,6 +555,7 @@ def patch_model(module, ops=OPS, min_kv_len=0):
     counts = {}
     if "attention" in ops:
         counts["attention"] = patch_attention(module, min_kv_len=min_kv_len)
+        counts["transformer_layout"] = patch_transformers(module)
     if "group_norm" in ops or "layer_norm" in ops:
         norm_counts = patch_norms(module, group_norm="group_norm" in ops, layer_norm="layer_norm" in ops)
         if "group_norm" in ops:

@@ -68,6 +68,11 @@ def test_flash_attention_diffusers_views(dtype):
     out = flash_attention(q, k, v)
     atol, rtol = TOLERANCES[dtype]
     assert_close(out, flash_attention_reference(q, k, v), atol, rtol, "flash_attention views")
+    # written into the (batch, q_len, heads, head_dim) layout the output projection reads
+    rows = torch.full((batch, q_len, heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
+    returned = flash_attention(q, k, v, out=rows.transpose(1, 2))
+    assert returned.data_ptr() == rows.data_ptr()
+    assert torch.equal(rows.transpose(1, 2), out)
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
@@ -118,6 +123,9 @@ def test_flash_attention_matches_sdpa():
         ("head_dim", "head_dim"),
         ("mixed_dtype", "dtypes differ"),
         ("empty_kv", "kv_len"),
+        ("out_shape", "out is"),
+        ("out_dtype", "out is"),
+        ("out_strides", "out has strides"),
     ],
 )
 def test_flash_attention_rejects(case, match):
@@ -134,8 +142,15 @@ def test_flash_attention_rejects(case, match):
         k = k.float()
     elif case == "empty_kv":
         k, v = k[:, :, :0], v[:, :, :0]
+    out = None
+    if case == "out_shape":
+        out = torch.empty(1, 2, 8, 32, dtype=q.dtype, device=DEVICE)
+    elif case == "out_dtype":
+        out = torch.empty_like(q, dtype=torch.float32)
+    elif case == "out_strides":
+        out = torch.empty(1, 2, 40, 8, dtype=q.dtype, device=DEVICE).transpose(2, 3)  # head_dim stride 8
     with pytest.raises(ValueError, match=match):
-        flash_attention(q, k, v)
+        flash_attention(q, k, v, out=out)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the CPU interpreter accepts CPU tensors")

@@ -71,9 +71,11 @@ def _latents(device, dtype):
 def test_patch_model_counts_and_keeps_state_dict():
     unet = _tiny_unet()
     keys = list(unet.state_dict().keys())
+    transformers = sum(type(m) is patch.Transformer2DModel for m in unet.modules())
     counts = patch.patch_model(unet)
     assert counts == {
         "attention": sum(isinstance(m, Attention) for m in unet.modules()),
+        "transformer_layout": transformers,
         "group_norm": 21,
         "resnet_silu_fused": 8,
         "layer_norm": 12,
@@ -83,13 +85,14 @@ def test_patch_model_counts_and_keeps_state_dict():
     assert all(isinstance(m.processor, patch.TritonAttnProcessor) for m in unet.modules() if isinstance(m, Attention))
     # patching twice changes nothing more
     again = patch.patch_model(unet)
+    assert transformers > 0 and again["transformer_layout"] == 0
     assert again["group_norm"] == again["layer_norm"] == again["geglu"] == again["resnet_silu_fused"] == 0
 
 
 def test_patch_model_selected_ops():
     vae = _tiny_vae()
     counts = patch.patch_model(vae, ops=("attention", "group_norm"))
-    assert counts == {"attention": 2, "group_norm": 24, "resnet_silu_fused": 10}
+    assert counts == {"attention": 2, "transformer_layout": 0, "group_norm": 24, "resnet_silu_fused": 10}
     with pytest.raises(ValueError, match="ops"):
         patch.patch_model(vae, ops=("rope",))
 
@@ -118,7 +121,8 @@ def test_attention_dispatch(monkeypatch):
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CUDA runs the kernels for real in test_patched_models_cuda")
-def test_patched_models_run_kernels_under_interpreter(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_patched_models_run_kernels_under_interpreter(monkeypatch, channels_last):
     pytest.importorskip("triton")
     import kernels
 
@@ -138,6 +142,8 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch):
 
     for name in ("flash_attention", "group_norm", "layer_norm", "geglu", "bias_residual"):
         monkeypatch.setattr(kernels, name, counted(name))
+    pointwise = patch._pointwise
+    monkeypatch.setattr(patch, "_pointwise", lambda *a: calls.__setitem__("pointwise", calls.get("pointwise", 0) + 1) or pointwise(*a))
     # CPU tensors count as kernel tensors, and fp32 attention takes the kernel too
     monkeypatch.setattr(patch, "_is_kernel_device", lambda t: True)
     monkeypatch.setattr(patch, "_ATTN_DTYPES", (torch.float32,))
@@ -147,6 +153,9 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch):
     patch.patch_model(patched_unet)
     patch.patch_model(patched_vae)
     inputs = _unet_inputs("cpu", torch.float32)
+    if channels_last:
+        unet, patched_unet = (m.to(memory_format=torch.channels_last) for m in (unet, patched_unet))
+        inputs = (inputs[0].contiguous(memory_format=torch.channels_last),) + inputs[1:]
     assert_close(_run_unet(patched_unet, inputs), _run_unet(unet, inputs), 1e-4, 1e-4, "tiny unet")
     latents = _latents("cpu", torch.float32)
     assert_close(_run_vae(patched_vae, latents), _run_vae(vae, latents), 1e-4, 1e-4, "tiny vae decode")
@@ -155,6 +164,8 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch):
         "flash_attention", "group_norm", "group_norm+silu", "group_norm+pre_add", "layer_norm", "geglu", "bias_residual"
     ):
         assert calls.get(key, 0) > 0, f"{key} never ran: {calls}"
+    # proj_in and proj_out as GEMMs on the pixel rows: only when the input is channels-last
+    assert (calls.get("pointwise", 0) > 0) == channels_last, calls
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
