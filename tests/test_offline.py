@@ -50,3 +50,18 @@ def test_unknown_model_spec_is_a_clear_error():
 
     with pytest.raises(ValueError, match="neither an offline model"):
         resolve_model(DeploymentConfig(model="no-such-model"))
+
+
+def test_vae_warm_up_decodes_every_batch_size_the_batcher_can_form(tiny_dir):
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.stages import VAEStage
+
+    config = DeploymentConfig(model=str(tiny_dir), device="cpu", batch_buckets=(1, 2, 4))
+    stage = VAEStage.from_config(config)  # CPU: no warm-up at load
+    seen = []
+    decode = stage.vae.decode
+    stage.vae.decode = lambda latents, **kw: seen.append(tuple(latents.shape)) or decode(latents, **kw)
+    assert stage.warm_up(config) == [4, 3, 2, 1]
+    assert [s[0] for s in seen] == [4, 3, 2, 1]
+    assert len({s[1:] for s in seen}) == 1 and seen[0][1] == stage.vae.config.latent_channels
+    assert seen[0][2] * 2 ** (len(stage.vae.config.block_out_channels) - 1) == stage.vae.config.sample_size
