@@ -3,7 +3,8 @@
     python benchmarks/soak.py [--minutes 30] [--concurrency 8] [--model sd15-random] [--opt-level triton]
 
 Runs perf_analyzer at a fixed concurrency in three measurement windows of minutes/3 each
-(so its stability check cannot end the run early) and samples, every --every-s seconds,
+(so its stability check cannot end the run early; perf_analyzer stretches each window to
+1.2x the interval it is given, which the interval allows for) and samples, every --every-s seconds,
 the GPU memory in use (nvidia-smi, when there is one) and the resident memory of
 tritonserver and its backend stubs. Each sample also reads the
 server's own request counters (Triton's metrics endpoint), and the samples so far are
@@ -81,7 +82,16 @@ def main() -> int:
     parser.add_argument("--slack-mib", type=float, default=256)
     parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--from-progress", default="", help="write the record from a soak-progress.json of a run cut short")
+    parser.add_argument("--warm-up-s", type=float, default=0, help="with --from-progress: perf_analyzer's first window, s")
+    parser.add_argument("--note", default="", help="with --from-progress: what happened, for the record")
+    parser.add_argument("--device", default="", help="with --from-progress: the GPU the run had (nvidia-smi's name)")
     args = parser.parse_args()
+    if args.from_progress:
+        samples = json.loads(Path(args.from_progress).read_text())
+        command = f"python benchmarks/soak.py --from-progress {Path(args.from_progress).name} --warm-up-s {args.warm_up_s:g}"
+        write_record(Path(args.out), command, samples, args.warm_up_s, args.slack_mib, note=args.note, device=args.device)
+        return 0
 
     try:
         import sd_client  # noqa: F401
@@ -115,11 +125,12 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         binary, perf_env = perf_analyzer()
-        window_ms = int(args.minutes * 60_000 / 3)
+        # perf_analyzer sleeps 1.2x --measurement-interval per window: three windows fill the minutes
+        window_s = args.minutes * 60 / 3 / 1.2
         report = out / "soak-perf.csv"
         done = subprocess.run(
             [binary, "-m", "stable_diffusion", "-i", "grpc", "-u", server.grpc_url, "--input-data", args.perf_input,
-             "--concurrency-range", f"{args.concurrency}:{args.concurrency}", "--measurement-interval", str(window_ms),
+             "--concurrency-range", f"{args.concurrency}:{args.concurrency}", "--measurement-interval", str(int(window_s * 1000)),
              "--stability-percentage", "999", "--max-trials", "3", "-f", str(report), "--percentile", "99"],
             env=perf_env, capture_output=True, text=True,
         )
@@ -127,30 +138,46 @@ def main() -> int:
         sampler.join()
         take_sample()
     (out / "soak-perf.log").write_text(done.stdout + done.stderr)
-    failed = [line for line in done.stdout.splitlines() if "failed" in line.lower() or "error" in line.lower()]
-    warm = next((s for s in samples if s["t_s"] >= window_ms / 1000), samples[0])
+    result = write_record(out, " ".join(sys.argv), samples, warm_up_s=window_s * 1.2, slack_mib=args.slack_mib, perf=done)
+    return 0 if result["passed"] else 1
+
+
+def write_record(out: Path, command: str, samples: list[dict], warm_up_s: float, slack_mib: float, perf=None, note: str = "",
+                 device: str = "") -> dict:
+    """The soak's verdict from its samples (and perf_analyzer's run, when it finished):
+    <device>-<date>-soak.json and .md under out. Memory growth counts from the first sample
+    after warm_up_s (perf_analyzer's first window) to the last."""
+    failed = [line for line in perf.stdout.splitlines() if "failed" in line.lower() or "error" in line.lower()] if perf else []
+    warm = next((s for s in samples if s["t_s"] >= warm_up_s), samples[0])
     last = samples[-1]
     grew_host = last["host_rss_mib"] - warm["host_rss_mib"]
     grew_gpu = max((b - a for a, b in zip(warm["gpu_mib"], last["gpu_mib"])), default=0.0)
     served = last["requests"]
     result = {
-        "command": " ".join(sys.argv), "minutes": args.minutes, "concurrency": args.concurrency, "server_requests": served,
-        "perf_analyzer_rc": done.returncode, "failure_lines": failed, "summary": done.stdout[-1500:],
+        "command": command, "note": note, "loaded_s": last["t_s"], "server_requests": served,
+        "perf_analyzer_rc": perf.returncode if perf else None, "failure_lines": failed,
+        "summary": perf.stdout[-1500:] if perf else None, "warm_up_s": warm_up_s,
+        "host_rss_mib": [warm["host_rss_mib"], last["host_rss_mib"]], "gpu_mib": [warm["gpu_mib"], last["gpu_mib"]],
         "host_rss_growth_mib": round(grew_host, 1), "gpu_growth_mib": round(grew_gpu, 1), "samples": samples,
     }
-    result["passed"] = done.returncode == 0 and not failed and served["failure"] == 0 and grew_host <= args.slack_mib and grew_gpu <= args.slack_mib
-    device = (gpu_name() or "cpu").replace(" ", "-")
+    result["passed"] = (perf is None or perf.returncode == 0) and not failed and served["failure"] == 0 \
+        and grew_host <= slack_mib and grew_gpu <= slack_mib
+    steps = [(a["t_s"], b["t_s"], b["gpu_mib"]) for a, b in zip(samples, samples[1:]) if a["gpu_mib"] != b["gpu_mib"]]
+    device = (device or gpu_name() or "cpu").replace(" ", "-")
     stem = out / f"{device}-{datetime.date.today().isoformat()}-soak"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    perf_line = f"perf_analyzer rc {perf.returncode}, {len(failed)} failure lines" if perf else "perf_analyzer did not finish"
     stem.with_suffix(".md").write_text(
-        f"# Soak on {device}\n\n`{result['command']}`\n\n"
-        f"- passed: {result['passed']} (perf_analyzer rc {done.returncode}, {len(failed)} failure lines)\n"
-        f"- requests counted by the server: {served['success']} succeeded, {served['failure']} failed\n"
-        f"- host RSS after warm-up {warm['host_rss_mib']} MiB, at the end {last['host_rss_mib']} MiB\n"
-        f"- GPU MiB after warm-up {warm['gpu_mib']}, at the end {last['gpu_mib']}\n\n```\n{done.stdout[-1500:]}\n```\n"
+        f"# Soak on {device}\n\n`{command}`\n\n{note + chr(10) + chr(10) if note else ''}"
+        f"- passed{'' if perf else ' by the samples (server counters, memory)'}: {result['passed']} ({perf_line})\n"
+        f"- load for {last['t_s'] / 60:.1f} min; requests counted by the server: {served['success']} succeeded, {served['failure']} failed\n"
+        f"- host RSS after warm-up ({warm['t_s']:.0f} s) {warm['host_rss_mib']} MiB, at the end {last['host_rss_mib']} MiB\n"
+        f"- GPU MiB after warm-up {warm['gpu_mib']}, at the end {last['gpu_mib']}; changes between samples: "
+        f"{', '.join(f'{a:.0f}-{b:.0f} s to {m}' for a, b, m in steps) or 'none'}\n"
+        + (f"\n```\n{perf.stdout[-1500:]}\n```\n" if perf else "")
     )
     print(stem.with_suffix(".md").read_text())
-    return 0 if result["passed"] else 1
+    return result
 
 
 def gpu_name() -> str | None:
