@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
+
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
 
@@ -242,11 +244,8 @@ def save(args, gpu: str, results: list, floor) -> None:
         "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]),
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{gpu.replace(' ', '-')}-{record['date']}-e2e"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    (out / f"{stem}.md").write_text(markdown(record))
+    result_path(args.out, gpu, "e2e", ".json").write_text(json.dumps(record, indent=2))
+    result_path(args.out, gpu, "e2e", ".md").write_text(markdown(record))
     if floor is not None or len(results) == len(args.systems.split(",")):
         print(markdown(record))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
-import datetime
 import json
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ except ImportError:  # a checkout that was not pip-installed: the package lives 
     import importlib
 
     sys.modules["sd_client"] = importlib.import_module("client")
+from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
 from sd_backend.demo import free_port  # noqa: E402
 from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
 
@@ -54,8 +54,8 @@ class Recorder:
         import torch
 
         gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
-        stem = f"{gpu}-{datetime.date.today().isoformat()}-served{('-' + tag) if tag else ''}"
-        self.json_path, self.md_path = out / f"{stem}.json", out / f"{stem}.md"
+        name = f"served{('-' + tag) if tag else ''}"
+        self.json_path, self.md_path = (result_path(out, gpu, name, suffix) for suffix in (".json", ".md"))
         self.data = {"device": gpu, "gpus": torch.cuda.device_count(), "command": " ".join(sys.argv), "levels": {}}
 
     def put(self, level: str, key: str, value) -> None:

@@ -17,6 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
+
 KINDS = [
     ("attention", ("flash", "fmha", "attention", "_attn", "sdpa")),
     ("conv", ("conv", "implicit", "cudnn", "xmma_fprop", "sm90_xmma", "nhwc")),
@@ -97,9 +99,7 @@ def main() -> int:
     print(f"dispatch: Triton kernel chosen at {used} of {len(record['dispatch'])} shapes")
     for d in record["dispatch"]:
         print(f"    {'triton' if d['uses_triton'] else 'torch '} {d['triton_ms']:.4f} vs {d['torch_ms']:.4f} ms  {d['key'][:100]}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{record['gpu'].replace(' ', '-')}-unet-profile.json").write_text(json.dumps(record, indent=2))
+    result_path(args.out, record["gpu"], "unet-profile", ".json", dated=False).write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -20,6 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
+
 SEQUENCE = [1, 3, 2, 5, 8, 6, 4, 7, 8, 1]
 
 
@@ -56,9 +58,7 @@ def main() -> int:
     record = {"gpu": torch.cuda.get_device_name(0), "model": args.model,
               "cold": run(config, warm=False), "warm": run(config, warm=True)}
     print(json.dumps(record, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{record['gpu'].replace(' ', '-')}-vae-memory.json").write_text(json.dumps(record, indent=1))
+    result_path(args.out, record["gpu"], "vae-memory", ".json").write_text(json.dumps(record, indent=1))
     return 0
 
 
