@@ -17,7 +17,6 @@ Writes benchmarks/results/<device>-<date>-soak.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import subprocess
@@ -30,24 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
 from sd_backend.demo import free_port  # noqa: E402
 from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
-
-
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, MiB (Linux /proc)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
-    return round(total / 1024, 1)
 
 
 def gpu_used_mib() -> list[float]:
@@ -113,7 +97,7 @@ def main() -> int:
         began = time.monotonic()
 
         def take_sample() -> None:
-            samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": tree_rss_mib(server.process.pid), "gpu_mib": gpu_used_mib(),
+            samples.append({"t_s": round(time.monotonic() - began, 1), "host_rss_mib": round(server.rss_mib(), 1), "gpu_mib": gpu_used_mib(),
                             "requests": request_counts(server.metrics_url, "stable_diffusion")})
             (out / "soak-progress.json").write_text(json.dumps(samples, indent=1))
 
@@ -163,12 +147,12 @@ def write_record(out: Path, command: str, samples: list[dict], warm_up_s: float,
     result["passed"] = (perf is None or perf.returncode == 0) and not failed and served["failure"] == 0 \
         and grew_host <= slack_mib and grew_gpu <= slack_mib
     steps = [(a["t_s"], b["t_s"], b["gpu_mib"]) for a, b in zip(samples, samples[1:]) if a["gpu_mib"] != b["gpu_mib"]]
-    device = (device or gpu_name() or "cpu").replace(" ", "-")
-    stem = out / f"{device}-{datetime.date.today().isoformat()}-soak"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    device = device or gpu_name() or "cpu"
+    json_path, md_path = (result_path(out, device, "soak", suffix) for suffix in (".json", ".md"))
+    json_path.write_text(json.dumps(result, indent=1))
     perf_line = f"perf_analyzer rc {perf.returncode}, {len(failed)} failure lines" if perf else "perf_analyzer did not finish"
-    stem.with_suffix(".md").write_text(
-        f"# Soak on {device}\n\n`{command}`\n\n{note + chr(10) + chr(10) if note else ''}"
+    md_path.write_text(
+        f"# Soak on {device.replace(' ', '-')}\n\n`{command}`\n\n{note + chr(10) + chr(10) if note else ''}"
         f"- passed{'' if perf else ' by the samples (server counters, memory)'}: {result['passed']} ({perf_line})\n"
         f"- load for {last['t_s'] / 60:.1f} min; requests counted by the server: {served['success']} succeeded, {served['failure']} failed\n"
         f"- host RSS after warm-up ({warm['t_s']:.0f} s) {warm['host_rss_mib']} MiB, at the end {last['host_rss_mib']} MiB\n"
@@ -176,7 +160,7 @@ def write_record(out: Path, command: str, samples: list[dict], warm_up_s: float,
         f"{', '.join(f'{a:.0f}-{b:.0f} s to {m}' for a, b, m in steps) or 'none'}\n"
         + (f"\n```\n{perf.stdout[-1500:]}\n```\n" if perf else "")
     )
-    print(stem.with_suffix(".md").read_text())
+    print(md_path.read_text())
     return result
 
 

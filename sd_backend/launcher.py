@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -232,6 +233,17 @@ class TritonServer:
             if _alive(pid):
                 stubs[pid] = Path(argv[1]).parent.parent.name
         return stubs
+
+    def rss_mib(self) -> float:
+        """Resident memory of tritonserver and its Python-backend stubs, MiB (Linux /proc)."""
+        total_kb = 0
+        for pid in ([self.process.pid] if self.process else []) + list(self.stub_processes()):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:  # gone since it was listed
+                continue
+            total_kb += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+        return total_kb / 1024
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """Drain the entry models, SIGINT (Triton's graceful shutdown), SIGKILL past the deadline.

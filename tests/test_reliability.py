@@ -106,15 +106,6 @@ def metric(server, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def rss_mb(server) -> float:
-    """Resident memory of tritonserver and its Python-backend stubs."""
-    total_kb = 0
-    for pid in [server.process.pid, *server.stub_processes()]:
-        status = Path(f"/proc/{pid}/status").read_text()
-        total_kb += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
-    return total_kb / 1024
-
-
 def shm_mb(server) -> float:
     """/dev/shm pages in use by this server's Python-backend regions."""
     return sum(p.stat().st_blocks * 512 for p in Path("/dev/shm").glob(f"{server.shm_prefix}*")) / 2**20
@@ -405,12 +396,12 @@ def test_flood_of_good_and_bad_requests_answers_each_correctly_without_leaking(c
             references = [c.generate(f"flood {k}", **params).image for k, params in enumerate(pool)]
         flood(server, min(10.0, FLOOD_SECONDS / 4), pool, references)  # warm-up: allocators settle
         time.sleep(2)
-        rss_before, shm_before = rss_mb(server), shm_mb(server)
+        rss_before, shm_before = server.rss_mib(), shm_mb(server)
         began = time.monotonic()
         tally = flood(server, FLOOD_SECONDS, pool, references)
         elapsed = time.monotonic() - began
         time.sleep(2)
-        rss_after, shm_after = rss_mb(server), shm_mb(server)
+        rss_after, shm_after = server.rss_mib(), shm_mb(server)
 
     figures = dict(
         seconds=round(elapsed, 1),
