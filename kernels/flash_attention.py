@@ -13,10 +13,26 @@ so that exp2 maps to one instruction (log2(e) is folded into the scale):
     acc   = acc * exp2(m - m_new) + p v
     out   = acc / l
 
-m, l and acc are fp32. head_dim is padded to the next power of two (40 -> 64, 80 -> 128,
-160 -> 256) with masked loads; the key tail (kv_len 77 for the CLIP context) is masked to
--inf before the row max. Shapes: q (batch, heads, q_len, head_dim), k and v
-(batch, heads, kv_len, head_dim), any strides (diffusers hands over transposed views).
+m, l and acc are fp32. tl.arange needs power-of-two lengths and tl.dot a K of at least 16, so
+head_dim is covered by at most two power-of-two column blocks: D_A, the largest power of two
+<= head_dim, and D_B, the next power of two >= head_dim - D_A, each at least 16 (40 -> 32 + 16,
+80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64 alone). Both matmuls are split along head_dim, with
+q, k, v and acc in two column tiles each (q_a = q[:, :D_A], q_b = q[:, D_A:D_A + D_B]):
+
+    s     = q_a k_a^T + q_b k_b^T
+    acc_a = acc_a * exp2(m - m_new) + p v_a
+    acc_b = acc_b * exp2(m - m_new) + p v_b
+
+Columns past head_dim (40..47 for head_dim 40, 8..15 for head_dim 8) load as zeros under a
+mask. Where two blocks would be no narrower than one (24 -> 16 + 16 = 32), one block of
+next_power_of_2(head_dim) is used. SD_ATTN_SPLIT_D=0 in the environment, read at each call,
+pads every head_dim to one block of the next power of two instead (40 -> 64, 80 -> 128,
+160 -> 256), as the kernel did before the split, so that a benchmark can time both in one
+process.
+
+The key tail (kv_len 77 for the CLIP context) is masked to -inf before the row max.
+Shapes: q (batch, heads, q_len, head_dim), k and v (batch, heads, kv_len, head_dim), any
+strides (diffusers hands over transposed views).
 """
 
 import math
@@ -33,6 +49,26 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
+def _head_dim_blocks(head_dim, split=True):
+    """(D_A, D_B): the power-of-two column blocks the kernel covers head_dim with; D_B 0 for one block.
+
+    Two blocks only where they cover head_dim exactly, D_A the largest power of two below it
+    and D_B the rest, both at least 16 (tl.dot's smallest K): 80 -> (64, 16), 160 -> (128, 32),
+    96 -> (64, 32). Everywhere else, or with split False, one block of next_power_of_2(head_dim):
+    64 -> (64, 0), 8 -> (16, 0), 40 -> (64, 0). Why not 40 -> 32 + 16 (48 columns, 8 of them
+    padding): on an H200 (benchmarks/results, kernels table of 2026-11-27) that ran 1-3% slower
+    than 64 padded at SD's 4096-token self-attention, which is bound by the softmax's exp2, not
+    by the matmuls, and 13% slower at its cross-attention; the exact splits of 80 and 160 ran
+    10-30% faster.
+    """
+    single = max(16, triton.next_power_of_2(head_dim))
+    d_a = max(16, 1 << (head_dim.bit_length() - 1))
+    d_b = head_dim - d_a
+    if not split or d_b < 16 or d_b & (d_b - 1):
+        return single, 0
+    return d_a, d_b
+
+
 def _configs():
     if _INTERPRET:
         # Small blocks so that CPU tests cover several query blocks and the key tail.
@@ -46,7 +82,7 @@ def _configs():
             (64, 64, 4, 3),
             (64, 128, 4, 2),
             (64, 32, 4, 2),
-            # for head_dim 160 (BLOCK_D 256), whose accumulator needs 8 warps at BLOCK_M 64
+            # for head_dim 160 (160 columns split, 256 padded), whose accumulator needs 8 warps at BLOCK_M 64
             (64, 64, 8, 2),
             (64, 32, 8, 2),
         ]
@@ -56,20 +92,21 @@ def _configs():
 def _prune_configs(configs, named_args, **kwargs):
     """Drop blocks larger than the sequence, tiles that overflow shared memory or spill registers."""
     args = {**named_args, **kwargs}
-    q_len, kv_len, block_d = args["q_len"], args["kv_len"], args["BLOCK_D"]
+    q_len, kv_len = args["q_len"], args["kv_len"]
+    width = args["D_A"] + args["D_B"]  # head_dim columns the tiles hold, padding included
     elem_bytes = args["Q"].element_size()
     kept = []
     for cfg in configs:
         bm, bn, warps = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
         if bm > max(64, triton.next_power_of_2(q_len)) or bn > max(32, triton.next_power_of_2(kv_len)):
             continue
-        if bm == 64 and warps == 8 and block_d < 256:
+        if bm == 64 and warps == 8 and width <= 128:
             continue
         # q tile + K and V tiles per pipeline stage; H100 has 227 KiB a block
-        if elem_bytes * block_d * (bm + 2 * bn * cfg.num_stages) > 200 * 1024:
+        if elem_bytes * width * (bm + 2 * bn * cfg.num_stages) > 200 * 1024:
             continue
         # fp32 registers a thread holds for acc and the score tile; past ~96 ptxas spills (checked for sm_90)
-        if (bm * block_d + bm * bn) / (32 * warps) > 96:
+        if (bm * width + bm * bn) / (32 * warps) > 96:
             continue
         kept.append(cfg)
     # the smallest tile always fits
@@ -78,43 +115,59 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i,  # running output (BLOCK_M, BLOCK_D), row sums and row maxima (BLOCK_M,), fp32
-    q,  # query tile (BLOCK_M, BLOCK_D)
+    acc_a, acc_b,  # running output for columns [0, D_A) and [D_A, D_A + D_B), (BLOCK_M, D_A) and (BLOCK_M, D_B), fp32
+    l_i, m_i,  # row sums and row maxima (BLOCK_M,), fp32
+    q_a, q_b,  # query tiles (BLOCK_M, D_A) and (BLOCK_M, D_B)
     K, V,  # key and value base pointers for this (batch, head)
     stride_kn, stride_kd,  # key strides along kv_len and head_dim
     stride_vn, stride_vd,  # value strides along kv_len and head_dim
     start_n, end_n, kv_len,  # key range [start_n, end_n) walked in BLOCK_N steps
     qk_scale,  # softmax scale * log2(e)
-    offs_d, mask_d,  # head_dim offsets and their mask, (BLOCK_D,)
+    offs_da, mask_da,  # head_dim offsets [0, D_A) and their mask, (D_A,)
+    offs_db, mask_db,  # head_dim offsets [D_A, D_A + D_B) and their mask, (D_B,)
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,  # True only for the last, partial key block
+    D_B: tl.constexpr,  # width of the second column block; 0: acc_b, q_b, offs_db and mask_db are unused
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start in range(start_n, end_n, BLOCK_N):
         offs_n = start + offs_n0
         if MASK_N:
-            kv_mask = (offs_n < kv_len)[:, None] & mask_d[None, :]
+            kv_mask_a = (offs_n < kv_len)[:, None] & mask_da[None, :]
         else:
-            kv_mask = mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            kv_mask_a = mask_da[None, :]
+        k_a = tl.load(K + offs_n[:, None] * stride_kn + offs_da[None, :] * stride_kd, mask=kv_mask_a, other=0.0)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if D_B > 0:
+            if MASK_N:
+                kv_mask_b = (offs_n < kv_len)[:, None] & mask_db[None, :]
+            else:
+                kv_mask_b = mask_db[None, :]
+            k_b = tl.load(K + offs_n[:, None] * stride_kn + offs_db[None, :] * stride_kd, mask=kv_mask_b, other=0.0)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if MASK_N:
             s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        v_a = tl.load(V + offs_n[:, None] * stride_vn + offs_da[None, :] * stride_vd, mask=kv_mask_a, other=0.0)
+        acc_a = acc_a * alpha[:, None]
+        acc_a = tl.dot(p.to(v_a.dtype), v_a, acc_a, input_precision=DOT_PRECISION)
+        if D_B > 0:
+            v_b = tl.load(V + offs_n[:, None] * stride_vn + offs_db[None, :] * stride_vd, mask=kv_mask_b, other=0.0)
+            acc_b = acc_b * alpha[:, None]
+            acc_b = tl.dot(p.to(v_b.dtype), v_b, acc_b, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc_a, acc_b, l_i, m_i
 
 
 @triton.autotune(
     configs=_configs(),
-    key=["q_len", "kv_len", "HEAD_DIM", "ALIGN"],
+    # D_A and D_B too: SD_ATTN_SPLIT_D changes them for the same head_dim within one process
+    key=["q_len", "kv_len", "HEAD_DIM", "D_A", "D_B", "ALIGN"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -128,7 +181,8 @@ def _attn_fwd_kernel(
     heads, q_len, kv_len,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    D_A: tl.constexpr,  # first column block, a power of two >= 16 (_head_dim_blocks)
+    D_B: tl.constexpr,  # second column block from column D_A, a power of two >= 16, or 0 when D_A covers HEAD_DIM
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so that they match torch; ignored for fp16/bf16
     ALIGN: tl.constexpr,  # 16 bytes in elements when every stride but head_dim's divides by it, else 1
     BLOCK_M: tl.constexpr,
@@ -151,38 +205,58 @@ def _attn_fwd_kernel(
     Out += (off_b * stride_ob + off_h * stride_oh) * ALIGN
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_da = tl.arange(0, D_A)
     mask_m = offs_m < q_len
-    mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=mask_m[:, None] & mask_d[None, :],
+    mask_da = offs_da < HEAD_DIM
+    q_a = tl.load(
+        Q + offs_m[:, None] * stride_qm + offs_da[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_da[None, :],
         other=0.0,
     )
+    acc_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
+    if D_B > 0:
+        # D_A is a multiple of 16 elements, so the second block's rows start as aligned as the first's
+        offs_db = D_A + tl.arange(0, D_B)
+        mask_db = offs_db < HEAD_DIM
+        q_b = tl.load(
+            Q + offs_m[:, None] * stride_qm + offs_db[None, :] * stride_qd,
+            mask=mask_m[:, None] & mask_db[None, :],
+            other=0.0,
+        )
+        acc_b = tl.zeros([BLOCK_M, D_B], dtype=tl.float32)
+    else:
+        # placeholders that _attn_fwd_inner never reads when D_B is 0; they add no code
+        offs_db, mask_db, q_b, acc_b = offs_da, mask_da, q_a, acc_a
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # full key blocks without the tail mask, then at most one masked block
     n_full = (kv_len // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-        0, n_full, kv_len, qk_scale, offs_d, mask_d,
-        BLOCK_N, False, DOT_PRECISION,
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, n_full, kv_len, qk_scale, offs_da, mask_da, offs_db, mask_db,
+        BLOCK_N, False, D_B, DOT_PRECISION,
     )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-        n_full, kv_len, kv_len, qk_scale, offs_d, mask_d,
-        BLOCK_N, True, DOT_PRECISION,
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        n_full, kv_len, kv_len, qk_scale, offs_da, mask_da, offs_db, mask_db,
+        BLOCK_N, True, D_B, DOT_PRECISION,
     )
 
-    out = acc / l_i[:, None]
+    out_a = acc_a / l_i[:, None]
     tl.store(
-        Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
+        Out + offs_m[:, None] * stride_om + offs_da[None, :] * stride_od,
+        out_a.to(Out.dtype.element_ty),
+        mask=mask_m[:, None] & mask_da[None, :],
     )
+    if D_B > 0:
+        out_b = acc_b / l_i[:, None]
+        tl.store(
+            Out + offs_m[:, None] * stride_om + offs_db[None, :] * stride_od,
+            out_b.to(Out.dtype.element_ty),
+            mask=mask_m[:, None] & mask_db[None, :],
+        )
 
 
 def _check_device(name, t):
@@ -256,8 +330,8 @@ def flash_attention(q, k, v, scale=None, out=None):
         raise ValueError(f"flash_attention: out has strides {out.stride()}; allowed: head_dim stride 1, no broadcast dims")
     if out.numel() == 0:
         return out
-    # tl.dot needs K >= 16
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    # read per call so that a benchmark can time both layouts in one process
+    d_a, d_b = _head_dim_blocks(head_dim, split=os.environ.get("SD_ATTN_SPLIT_D", "1") != "0")
 
     # ALIGN: 16 bytes in elements, when every row and (batch, head) slice starts 16-byte aligned
     align = 16 // q.element_size()
@@ -284,7 +358,8 @@ def flash_attention(q, k, v, scale=None, out=None):
         heads, q_len, kv_len,
         float(scale) * _LOG2E,
         HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
+        D_A=d_a,
+        D_B=d_b,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ALIGN=align,
     )

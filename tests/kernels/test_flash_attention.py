@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
-from kernels.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
+from kernels.flash_attention import (  # noqa: E402
+    _attn_fwd_kernel,
+    _head_dim_blocks,
+    _prune_configs,
+    flash_attention,
+    flash_attention_reference,
+)
 from tests.kernels.utils import ATTN_DTYPES, DEVICE, ON_CUDA, assert_close  # noqa: E402
 
 # (atol, rtol) against the fp32 reference; fp16/bf16 error is dominated by rounding p to
@@ -112,6 +118,116 @@ def test_flash_attention_matches_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     atol, rtol = TOLERANCES[dtype]
     assert_close(flash_attention(q, k, v), expected, 2 * atol, 2 * rtol, "vs sdpa")
+
+
+@pytest.mark.parametrize(
+    "head_dim,blocks",
+    [
+        (80, (64, 16)),  # SD 1.x: 80 columns instead of 128
+        (160, (128, 32)),  # and 160 instead of 256
+        (96, (64, 32)),
+        (48, (32, 16)),
+        (136, (256, 0)),  # 128 + 8: no exact split
+        (40, (64, 0)),  # 32 + 8: padded in one block (measured faster than 32 + 16)
+        (64, (64, 0)),
+        (72, (128, 0)),
+        (8, (16, 0)),  # below tl.dot's K of 16: one masked block
+        (1, (16, 0)),
+        (16, (16, 0)),
+        (256, (256, 0)),
+        (24, (32, 0)),  # 16 + 8
+        (200, (256, 0)),
+    ],
+)
+def test_head_dim_blocks(head_dim, blocks):
+    assert _head_dim_blocks(head_dim) == blocks
+    assert _head_dim_blocks(head_dim, split=False) == (max(16, 1 << (head_dim - 1).bit_length()), 0)
+
+
+def test_head_dim_blocks_cover_every_head_dim():
+    for head_dim in range(1, 257):
+        padded = max(16, 1 << (head_dim - 1).bit_length())
+        d_a, d_b = _head_dim_blocks(head_dim)
+        assert d_a >= 16 and d_a & (d_a - 1) == 0, head_dim
+        assert d_b == 0 or (d_b >= 16 and d_b & (d_b - 1) == 0), head_dim
+        assert head_dim <= d_a + d_b <= padded, head_dim
+        # the second block starts inside head_dim: it is never all padding
+        assert d_b == 0 or d_a < head_dim, head_dim
+
+
+def test_prune_configs_counts_the_split_width():
+    """Shared memory and registers are estimated for D_A + D_B columns, not the padded power of two."""
+    wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    small = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+    args = {"Q": torch.empty(1, dtype=torch.float16), "q_len": 256, "kv_len": 256}
+    # head_dim 160: 128 + 32 columns fit 8 warps at BLOCK_M 128; 256 padded ones would spill
+    assert _prune_configs([wide, small], args, D_A=128, D_B=32) == [wide, small]
+    assert _prune_configs([wide, small], args, D_A=256, D_B=0) == [small]
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The (D_A, D_B) of each kernel launch, so that a test knows which layout ran."""
+    blocks = []
+    run = _attn_fwd_kernel.run
+
+    def spy(*args, **kwargs):
+        blocks.append((kwargs["D_A"], kwargs["D_B"]))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(_attn_fwd_kernel, "run", spy)
+    return blocks
+
+
+# head_dims split in two blocks (80, 96, 160), padded in one block (8, 24, 40, 72) and one exact block (64)
+SPLIT_HEAD_DIMS = [8, 24, 40, 64, 72, 80, 96, 160]
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("head_dim", SPLIT_HEAD_DIMS)
+def test_flash_attention_split_head_dim(head_dim, split, dtype, monkeypatch, launched):
+    """Both SD_ATTN_SPLIT_D layouts, over query blocks with a partial last one and a masked key tail."""
+    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
+    q, k, v = _inputs(2, 2, head_dim, 40, 37, dtype, seed=6)
+    out = flash_attention(q, k, v)
+    assert launched == [_head_dim_blocks(head_dim, split=split != "0")]
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(out, flash_attention_reference(q, k, v), atol, rtol, f"split {split} head_dim {head_dim}")
+
+
+@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_flash_attention_split_out_view(head_dim, split, monkeypatch, launched):
+    """out= a transposed view: every column of both blocks lands where the output projection reads it."""
+    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
+    dtype = ATTN_DTYPES[0]
+    batch, heads, q_len, kv_len = 2, 2, 40, 37
+    q, k, v = _inputs(batch, heads, head_dim, q_len, kv_len, dtype, seed=7)
+    # NaN wherever the kernel writes nothing
+    rows = torch.full((batch, q_len, heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
+    returned = flash_attention(q, k, v, out=rows.transpose(1, 2))
+    assert returned.data_ptr() == rows.data_ptr()
+    assert launched == [_head_dim_blocks(head_dim, split=split != "0")]
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(rows.transpose(1, 2), flash_attention_reference(q, k, v), atol, rtol, f"out view split {split}")
+
+
+@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("head_dim", [8, 40, 80])
+def test_flash_attention_reads_no_column_past_head_dim(head_dim, split, monkeypatch):
+    """q, k, v as head_dim-wide slices of rows whose other columns hold NaN: every padding column is masked."""
+    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
+    dtype = ATTN_DTYPES[0]
+    q, k, v = _inputs(1, 2, head_dim, 40, 37, dtype, seed=8)
+    wide = []
+    for t in (q, k, v):
+        # 16 NaN columns after each row, past even the last block's padding
+        buf = torch.full((*t.shape[:3], head_dim + 16), float("nan"), device=DEVICE, dtype=dtype)
+        buf[..., :head_dim] = t
+        wide.append(buf[..., :head_dim])
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(flash_attention(*wide), flash_attention_reference(q, k, v), atol, rtol, "NaN past head_dim")
 
 
 @pytest.mark.parametrize(
