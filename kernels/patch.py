@@ -14,6 +14,8 @@ output scale). With "attention", Transformer2DModel blocks keep a channels-last 
 channels-last through proj_in and proj_out (1x1 convs as GEMMs on the pixel rows) and
 the attention kernel writes its output in the layout to_out reads: the transposing
 copies diffusers makes there are gone (SD_KEEP_LAYOUT=0 brings them back, for A/B runs).
+Inside a denoising loop's kernels.loop_constants block, the fused ResnetBlock2D tails and
+the cross-attention keys and values are computed once for the loop, not at every step.
 
 Triton is imported on first use of a kernel, not here: without it this module imports
 and CPU models work.
@@ -29,7 +31,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from kernels import dispatch
+from kernels import dispatch, loop_constants
 
 OPS = ("attention", "group_norm", "layer_norm", "geglu")
 
@@ -117,7 +119,13 @@ class TritonAttnProcessor:
             query, key, value = F.linear(hidden_states, *fused).chunk(3, dim=-1)  # one GEMM for q, k, v
         else:
             query = attn.to_q(hidden_states)
-            key, value = F.linear(encoder_hidden_states, *fused).chunk(2, dim=-1)  # one GEMM for k, v
+            constants = loop_constants.active()
+            if constants is not None and encoder_hidden_states is constants.embeds:
+                # the text embeddings are the same at every step: k and v once per loop
+                kv = constants.memo(("kv", attn), lambda: F.linear(encoder_hidden_states, *fused))
+            else:
+                kv = F.linear(encoder_hidden_states, *fused)  # one GEMM for k, v
+            key, value = kv.chunk(2, dim=-1)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -143,7 +151,7 @@ class TritonAttnProcessor:
             hidden_states = dispatch.run(
                 ("attention", tuple(query.shape), key.shape[-2], query.dtype),
                 lambda: flash_attention(query, key, value, out=out),
-                lambda: F.scaled_dot_product_attention(query, key, value),
+                lambda: _sdpa_cudnn_first(query, key, value),
                 query.device,
             )
         else:
@@ -166,6 +174,21 @@ class TritonAttnProcessor:
         if attn.rescale_output_factor != 1.0 or not _keep_layout():  # x / 1.0 is x, without a pass over memory
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+def _sdpa_cudnn_first(query, key, value):
+    """torch's SDPA trying cuDNN's fused attention first, the alternative `measure` times per shape.
+
+    On an H200 cuDNN's Hopper kernel ran SD's 4096-token self-attention (head_dim 40) 16-22%
+    faster than our kernel, and torch's default choice (FlashAttention-2 for these strided
+    views) 30-45% slower (benchmarks/results, kernels table of 2026-11-27). Shapes cuDNN
+    refuses fall through to torch's usual order.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(query, key, value)
 
 
 def _keep_layout():
@@ -414,13 +437,9 @@ class TritonResnetBlock2D(ResnetBlock2D):
         hidden_states = _conv_no_bias(self.conv1, hidden_states)  # (N, C, H, W), no bias yet
         n, c = hidden_states.shape[:2]
 
-        if temb is not None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)  # (N, C)
-        pre_add = self.conv1.bias[None, :] if self.conv1.bias is not None else None
-        if temb is not None:
-            pre_add = temb if pre_add is None else pre_add + temb
+        pre_add = self._loop_pre_add(temb)  # inside a loop: this step's row of a table made for all steps
+        if pre_add is None:
+            pre_add = self._pre_add(temb)
         if pre_add is not None:
             pre_add = pre_add.expand(n, c)  # (N, C); a batch-1 temb broadcasts as in the torch tail
 
@@ -448,6 +467,28 @@ class TritonResnetBlock2D(ResnetBlock2D):
             residual_bias=residual_bias,
             scale=self.output_scale_factor,
         )
+
+    def _pre_add(self, temb):
+        """conv1.bias + time_emb_proj(silu(temb)), (N, C), or whichever of the two exists, or None."""
+        if temb is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)  # (N, C)
+        pre_add = self.conv1.bias[None, :] if self.conv1.bias is not None else None
+        if temb is not None:
+            pre_add = temb if pre_add is None else pre_add + temb
+        return pre_add
+
+    def _loop_pre_add(self, temb):
+        """(1, C): this step's _pre_add from a table of every step of the running loop, or None
+        outside a loop (kernels.loop_constants) or when temb is not the loop's time embedding."""
+        constants = loop_constants.active()
+        if temb is None or constants is None or constants.emb is None:
+            return None
+        if temb.data_ptr() != constants.emb[constants.step].data_ptr():
+            return None
+        table = constants.memo(("pre_add", self), lambda: self._pre_add(constants.emb))  # (steps, C)
+        return table[constants.step][None]
 
     def _torch_tail(self, hidden_states, input_tensor, temb):
         hidden_states = self.conv1(hidden_states)
@@ -546,8 +587,11 @@ def patch_model(module, ops=OPS, min_kv_len=0):
     """Patch the selected ops ("attention", "group_norm", "layer_norm", "geglu") into module, in place.
 
     Returns the counts replaced, e.g. {"attention": 32, "transformer_layout": 16,
-    "group_norm": 61, "resnet_silu_fused": 22, "layer_norm": 48, "geglu": 16} for the
-    SD 1.5 UNet. "attention" also swaps Transformer2DModel for TritonTransformer2DModel.
+    "time_embedding": 2, "group_norm": 61, "resnet_silu_fused": 22, "layer_norm": 48,
+    "geglu": 16} for the SD 1.5 UNet. "attention" also swaps Transformer2DModel for
+    TritonTransformer2DModel. The time embedding's modules are always swapped: they read
+    a loop's precomputed table inside kernels.loop_constants.LoopConstants, and compute as
+    before elsewhere.
     """
     unknown = [op for op in ops if op not in OPS]
     if unknown:
@@ -556,6 +600,8 @@ def patch_model(module, ops=OPS, min_kv_len=0):
     if "attention" in ops:
         counts["attention"] = patch_attention(module, min_kv_len=min_kv_len)
         counts["transformer_layout"] = patch_transformers(module)
+    # loop-invariant time embedding (kernels.loop_constants); computes as before outside a loop
+    counts["time_embedding"] = loop_constants.patch_time_embedding(module)
     if "group_norm" in ops or "layer_norm" in ops:
         norm_counts = patch_norms(module, group_norm="group_norm" in ops, layer_norm="layer_norm" in ops)
         if "group_norm" in ops:

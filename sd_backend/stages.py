@@ -94,7 +94,7 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
     return latents * init_sigma, generators
 
 
-def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None):
+def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, constants=None):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
@@ -102,7 +102,9 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
     when given, holds the UNet's timestep for each step (a device tensor made before a
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
-    the loop). PNDM runs one more UNet step than asked for, as in diffusers.
+    the loop). `constants`, when given, is the kernels.loop_constants.LoopConstants of this
+    loop (made from `unet_timesteps` and `embeds`): its `step` is set before each UNet call.
+    PNDM runs one more UNet step than asked for, as in diffusers.
     """
     import torch
 
@@ -112,6 +114,8 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
             unet_t = t if unet_timesteps is None else unet_timesteps[i]
+            if constants is not None:
+                constants.step = i
             noise = unet(model_input, unet_t, encoder_hidden_states=embeds, return_dict=False)[0]
             if guidance is not None:
                 uncond, cond = noise.chunk(2)
@@ -209,6 +213,10 @@ class VAEStage:
         source, device, dtype = loading.placement(config, instance_device)
         stage = cls(loading.load_vae(source, device, dtype), device, dtype)
         if str(device).startswith("cuda"):
+            if config.opt_level != "eager":
+                from .optimize import optimize_vae_stage
+
+                optimize_vae_stage(stage, config)
             stage.warm_up(config)
         return stage
 

@@ -76,6 +76,7 @@ def test_patch_model_counts_and_keeps_state_dict():
     assert counts == {
         "attention": sum(isinstance(m, Attention) for m in unet.modules()),
         "transformer_layout": transformers,
+        "time_embedding": 2,
         "group_norm": 21,
         "resnet_silu_fused": 8,
         "layer_norm": 12,
@@ -87,12 +88,13 @@ def test_patch_model_counts_and_keeps_state_dict():
     again = patch.patch_model(unet)
     assert transformers > 0 and again["transformer_layout"] == 0
     assert again["group_norm"] == again["layer_norm"] == again["geglu"] == again["resnet_silu_fused"] == 0
+    assert again["time_embedding"] == 0
 
 
 def test_patch_model_selected_ops():
     vae = _tiny_vae()
     counts = patch.patch_model(vae, ops=("attention", "group_norm"))
-    assert counts == {"attention": 2, "transformer_layout": 0, "group_norm": 24, "resnet_silu_fused": 10}
+    assert counts == {"attention": 2, "transformer_layout": 0, "time_embedding": 0, "group_norm": 24, "resnet_silu_fused": 10}
     with pytest.raises(ValueError, match="ops"):
         patch.patch_model(vae, ops=("rope",))
 
@@ -118,6 +120,17 @@ def test_attention_dispatch(monkeypatch):
     assert not patch.TritonAttnProcessor()._use_kernel(q.float(), kv.float(), kv.float(), None)
     big = torch.zeros(1, 1, 16, 512, dtype=torch.float16)  # the SD VAE's single 512-wide head
     assert not patch.TritonAttnProcessor()._use_kernel(big, big, big, None)
+
+
+def test_sdpa_cudnn_first_is_attention():
+    """The alternative `measure` times against the kernel: cuDNN's attention on CUDA, torch's elsewhere."""
+    from kernels import flash_attention_reference
+
+    device, dtype = ("cuda", torch.float16) if ON_CUDA else ("cpu", torch.float32)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 8, n, 40, generator=g).to(device, dtype) for n in (256, 77, 77))
+    tol = 3e-3 if ON_CUDA else 1e-5
+    assert_close(patch._sdpa_cudnn_first(q, k, v), flash_attention_reference(q, k, v), tol, tol, "cudnn-first sdpa")
 
 
 @pytest.mark.skipif(ON_CUDA, reason="CUDA runs the kernels for real in test_patched_models_cuda")
