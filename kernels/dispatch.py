@@ -1,18 +1,22 @@
 """Choice between a Triton kernel and the torch op it replaces, per shape.
 
 `SD_KERNEL_DISPATCH`:
-- `always` (default): the Triton kernel at every shape it supports.
-- `measure`: the first time a patched module meets a shape (during warm-up, before any
-  CUDA graph capture), both paths are captured in a small CUDA graph and timed by
-  replay, and the faster is kept for that shape.
+- `measure` (default): the first time a patched module meets a shape (during warm-up,
+  before any CUDA graph capture), both paths are captured in a small CUDA graph and timed
+  by replay, and the faster is kept for that shape.
+- `always`: the Triton kernel at every shape it supports.
 - `never`: the torch ops (the patched model computes what the unpatched one does).
 
-Why `always` is the default: the first `measure` timed eager calls, so each Triton
-kernel was charged its Python launch cost, which the loop's CUDA graph never pays;
-torch's ops then won most shapes and the SD 1.5 loop got slower on an H200 (0.557 s
-against 0.422 s per image, benchmarks/results/runs/*dispatch-ab*). Timed by graph
-replay (benchmarks/bench_kernels.py's "graph" columns) the kernels win nearly every SD
-shape, so `always` loses little; `measure` now times replays too.
+History of the default. The first `measure` timed eager calls, so each Triton kernel was
+charged its Python launch cost, which the loop's CUDA graph never pays; torch's ops won
+most shapes and the SD 1.5 loop got slower on an H200 (0.557 s against 0.422 s per image,
+benchmarks/results/runs/*dispatch-ab*), so `always` became the default. Timed by graph
+replay, `measure` then equalled `always`. Since attention's alternative is torch's SDPA
+with cuDNN's fused attention first (kernels.patch), which beats our kernel at SD's
+4096-token self-attention on Hopper, `measure` is faster than `always` in one process on
+an H200: 0.333 against 0.341 s per image, 4.13 against 3.97 images/s at batch 8
+(benchmarks/results/runs/NVIDIA-H200-2026-11-27-e2e-session4-ab.md, rows `triton-measure`
+and `triton`, the latter then meaning `always`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ _timings: dict[Hashable, tuple[float, float]] = {}  # key -> (kernel ms, torch o
 
 
 def _mode() -> str:
-    mode = os.environ.get("SD_KERNEL_DISPATCH", "always")
+    mode = os.environ.get("SD_KERNEL_DISPATCH", "measure")
     if mode not in ("measure", "always", "never"):
         raise ValueError(f"SD_KERNEL_DISPATCH: {mode!r} is not one of measure, always, never")
     return mode

@@ -2,10 +2,13 @@
 
 - `compile`: channels-last UNet under `torch.compile(mode="reduce-overhead")`, the
   baseline this project measures itself against.
-- `triton`: this project's OpenAI-Triton kernels patched into the UNet (at every shape
-  they support, or where they time faster: kernels/dispatch.py), channels-last, and the **whole denoising loop** (UNet calls, the
+- `triton`: this project's OpenAI-Triton kernels patched into the UNet and the VAE
+  decoder (where they time faster than torch's op, per shape: kernels/dispatch.py),
+  channels-last, and the **whole denoising loop** (UNet calls, the
   classifier-free-guidance combine and the scheduler arithmetic) captured as one CUDA
-  graph per (batch bucket, height, width, steps, scheduler, guidance on/off).
+  graph per (batch bucket, height, width, steps, scheduler, guidance on/off). Inside the
+  graph, work that is the same at every step (the time embedding of every step, the
+  cross-attention keys and values of the text) runs once per loop (kernels/loop_constants.py).
 - `deepspeed`: DeepSpeed-Inference kernel injection into the UNet (the seed tutorial's
   engine: its fused attention and transformer-block kernels), inside the same
   whole-loop graphs.
@@ -55,7 +58,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     elif level == "triton":
         from kernels.patch import patch_model
 
-        ops = [op for op in stage.config.kernels.replace(" ", "").split(",") if op]
+        ops = _kernel_ops(stage.config)
         inductor = "inductor" in ops
         ops = [op for op in ops if op != "inductor"]
         if ops:
@@ -69,6 +72,33 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
         stage.graphs = LoopGraphs(stage)
         if capture:
             stage.graphs.capture_defaults()
+
+
+def _kernel_ops(config) -> list[str]:
+    """The deployment's `kernels` setting as a list of names."""
+    return [op for op in config.kernels.replace(" ", "").split(",") if op]
+
+
+def optimize_vae_stage(stage, config) -> None:
+    """The `triton` level's VAE decoder: channels-last, with this project's GroupNorm (+SiLU,
+    fused ResnetBlock2D tails) and attention kernels wherever `kernels` names them and the
+    dispatch picks them (kernels/dispatch.py). torch's GroupNorm is the VAE's slow op: at
+    the decoder's 256x256 and 512x512 activations it took 0.5-2.5 ms a call on an H200,
+    ours 0.04-0.3 ms (benchmarks/results, kernels table). No-op off the GPU, on other
+    levels, or with SD_OPTIMIZE_VAE=0 (A/B runs)."""
+    import os
+
+    import torch
+
+    if stage.device.type != "cuda" or config.opt_level != "triton" or os.environ.get("SD_OPTIMIZE_VAE", "1") == "0":
+        return
+    torch.backends.cudnn.benchmark = True
+    stage.vae.to(memory_format=torch.channels_last)
+    ops = [op for op in _kernel_ops(config) if op in ("attention", "group_norm")]  # the VAE has no LayerNorm or GEGLU
+    if ops:
+        from kernels.patch import patch_model
+
+        log.info("patched VAE with Triton kernels: %s", patch_model(stage.vae, ops=tuple(ops)))
 
 
 class _TextEncoderStandIn:
@@ -185,10 +215,22 @@ class CapturedLoop:
     def _loop(self):
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
         scheduler.set_timesteps(self.steps, device="cpu")  # CPU: coefficients become constants
-        with _noise_from(scheduler, list(self.noise.unbind(0))):
+        with _noise_from(scheduler, list(self.noise.unbind(0))), self._constants() as constants:
             return denoise(
-                self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps
+                self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
+                constants=constants,
             )
+
+    def _constants(self):
+        """The loop's step-invariant work done once per replay (kernels.loop_constants), on the
+        `triton` level's patched UNet; a null context elsewhere or with SD_LOOP_CONSTANTS=0."""
+        if self.stage.config.opt_level != "triton" or hasattr(self.stage.unet, "_orig_mod"):
+            return contextlib.nullcontext()  # DeepSpeed's UNet, or inductor's (it would trace the context)
+        from kernels import loop_constants
+
+        if not loop_constants.enabled():
+            return contextlib.nullcontext()
+        return loop_constants.LoopConstants(self.stage.unet, self.unet_timesteps, self.embeds)
 
     def run(self, latents, embeds, guidance, generators: Sequence):
         """Replay for n <= bucket images; returns (n, 4, h, w)."""
