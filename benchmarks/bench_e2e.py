@@ -3,16 +3,23 @@
     python benchmarks/bench_e2e.py [--model sd15-random] [--systems eager,triton,compile]
 
 Systems: `eager` (diffusers' StableDiffusionPipeline as it is), `compile` (the same with
-a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this project's stages with the whole-loop CUDA graphs, no custom kernels),
-`triton` (the same plus this project's Triton kernels at every supported shape;
-`triton-measure` picks kernel or torch op per shape by timing each alone, `-nofuse`
-keeps separate q/k/v projections, `-copies` keeps diffusers' layout copies around the
-attention and the transformer blocks' 1x1 projections) and `inductor` (the whole-loop graphs around a UNet compiled by
-torch.compile's default mode, without its own CUDA graphs). For each: seconds per image at
-batch 1 (median and min of --repeats), images/s at --batch, time from start to first
-image (load + compile/capture + one image), peak GPU memory while generating at batch 1,
-and the relative L2 distance of its final latents from diffusers eager fp16 on the same
-seed. Writes benchmarks/results/<gpu>-<date>.json and .md.
+a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this
+project's stages with the whole-loop CUDA graphs, no custom kernels), `triton` (the same
+plus this project's Triton kernels, in the UNet and the VAE, where the per-shape dispatch
+picks them) and `inductor` (the whole-loop graphs around a UNet compiled by
+torch.compile's default mode, without its own CUDA graphs). Suffixes on `triton`,
+combinable, turn one part off for an A/B row: `-always` takes our kernel at every shape
+it supports instead of timing it against torch's op, `-nofuse` keeps separate q/k/v
+projections, `-copies` keeps diffusers' layout copies around the attention and the
+transformer blocks' 1x1 projections, `-nohoist` computes the time embedding and the
+cross-attention keys and values at every step, `-nosplit` pads attention's head_dim to
+one power of two, `-plainvae` leaves the VAE as diffusers has it.
+
+For each: seconds per image at batch 1 (median and min of --repeats), images/s at
+--batch, time from start to first image (load + compile/capture + one image), peak GPU
+memory while generating at batch 1, the relative L2 distance of its final latents from
+diffusers eager fp16 on the same seed, and how far its VAE's image of eager's latents is
+from eager's image (uint8 levels). Writes benchmarks/results/<gpu>-<date>-e2e.json and .md.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +87,13 @@ class DiffusersSystem:
     def latents(self, seed: int):
         return self.run(1, seed, output_type="latent")[0]
 
+    def decode(self, latents):
+        """(h, w, 3) uint8 image of (4, h/8, w/8) latents through the pipeline's VAE, rounded as VAEStage rounds."""
+        with torch.inference_mode():
+            image = self.pipe.vae.decode(latents[None] / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()[0]
+        return (image * 255).round().astype("uint8")
+
 
 class StagesSystem:
     """This project's three stages in one process (what the served ensemble runs)."""
@@ -105,6 +120,20 @@ class StagesSystem:
     def latents(self, seed: int):
         return self.engine.latents([PROMPT], seed=seed, guidance=7.5)[0][0]
 
+    def decode(self, latents):
+        return self.engine.vae([latents[None]])[0]
+
+
+# system-name suffix -> (environment variable, its value with the suffix, without)
+SUFFIXES = {
+    "always": ("SD_KERNEL_DISPATCH", "always", "measure"),  # our kernel wherever it applies, untimed
+    "nofuse": ("SD_FUSE_PROJECTIONS", "0", "1"),  # separate q/k/v GEMMs
+    "copies": ("SD_KEEP_LAYOUT", "0", "1"),  # diffusers' layout copies around attention kept
+    "nohoist": ("SD_LOOP_CONSTANTS", "0", "1"),  # time embedding and cross-attention k/v at every step
+    "nosplit": ("SD_ATTN_SPLIT_D", "0", "1"),  # attention head_dim padded to one power of two
+    "plainvae": ("SD_OPTIMIZE_VAE", "0", "1"),  # diffusers' VAE as it is (NCHW, torch's ops)
+}
+
 
 def build(name: str, args):
     if name in ("eager", "compile"):
@@ -113,11 +142,11 @@ def build(name: str, args):
     return StagesSystem(args.model_dir, kernels, args.steps, args.size, (1, args.batch))
 
 
-def measure(name: str, args, reference_latents) -> dict:
-    # triton-measure: per-shape timing decides; -nofuse: separate q/k/v GEMMs; -copies: layout copies kept
-    os.environ["SD_KERNEL_DISPATCH"] = "measure" if "-measure" in name else "always"
-    os.environ["SD_FUSE_PROJECTIONS"] = "0" if name.endswith("-nofuse") else "1"
-    os.environ["SD_KEEP_LAYOUT"] = "0" if name.endswith("-copies") else "1"
+def measure(name: str, args, reference) -> dict:
+    # suffixes switch one part of the engine off (or to per-shape timing), for A/B rows
+    options = set(name.split("-")[1:])
+    for suffix, (variable, on, off) in SUFFIXES.items():
+        os.environ[variable] = on if suffix in options else off
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -157,10 +186,13 @@ def measure(name: str, args, reference_latents) -> dict:
         from kernels import dispatch
 
         result["kernel_dispatch"] = dispatch.decisions()
-    if reference_latents is not None:
-        result["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference_latents)
+    if reference is not None:
+        result["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference["latents"])
+        # the VAE alone: eager's latents through this system's decoder against eager's image
+        diff = np.abs(system.decode(reference["latents"]).astype(np.int16) - reference["image"].astype(np.int16))
+        result["vae_image_abs_diff_vs_eager"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     else:
-        result["_latents"] = latents
+        result["_reference"] = {"latents": latents, "image": system.decode(latents)}
     del system
     return result
 
@@ -188,6 +220,15 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--cache-dir", default="/tmp/sd-triton-cache")
     args = parser.parse_args()
+    systems = args.systems.split(",")
+    for name in systems:  # before any GPU time is spent
+        base, *options = name.split("-")
+        unknown = [o for o in options if o not in SUFFIXES] if base in ("triton", "graphs") else options
+        if base not in ("eager", "compile", "graphs", "triton", "inductor") or unknown:
+            raise SystemExit(
+                f"--systems: {name!r} is not eager, compile, graphs, triton or inductor with suffixes from "
+                f"{', '.join(SUFFIXES)} (triton and graphs only)"
+            )
 
     from sd_backend.offline import OFFLINE_MODELS, write_offline_model
 
@@ -200,7 +241,6 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name(0)
     results, reference = [], None
-    systems = args.systems.split(",")
     if "eager" in systems:  # the reference comes first
         systems.remove("eager")
         systems.insert(0, "eager")
@@ -211,17 +251,17 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - one system failing must not lose the others
             traceback.print_exc()
             result = {"system": name, "error": f"{type(err).__name__}: {err}"[:2000]}
-        if name == "eager" and "_latents" in result:
-            reference = result.pop("_latents")
+        if name == "eager" and "_reference" in result:
+            reference = result.pop("_reference")
             result["latents_rel_l2_vs_eager_fp16"] = 0.0
-        result.pop("_latents", None)
+        result.pop("_reference", None)
         print(json.dumps(result), flush=True)
         results.append(result)
         save(args, gpu, results, None)  # a run cut short keeps what it measured
     floor = None
     if reference is not None:
         try:
-            floor = fp32_floor(args, reference)
+            floor = fp32_floor(args, reference["latents"])
         except Exception as err:  # noqa: BLE001
             floor = f"{type(err).__name__}: {err}"
 
@@ -256,16 +296,20 @@ def markdown(record: dict) -> str:
         f"{record['gpu']}, {record['date']}, torch {record['torch']}, {record['model']}, fp16, "
         f"{record['size']}x{record['size']}, {record['steps']} PNDM steps, guidance 7.5",
         "",
-        f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 | latents rel L2 vs eager |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 "
+        "| latents rel L2 vs eager | VAE image vs eager, uint8 levels (max / mean) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in record["results"]:
         if "error" in r:
-            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | | |")
             continue
+        vae = r.get("vae_image_abs_diff_vs_eager")
+        vae = f"{vae['max']} / {vae['mean']:.3f}" if vae else ""
         lines.append(
             f"| {r['system']} | {r['batch1_s_median']:.3f} / {r['batch1_s_min']:.3f} | {r[f'batch{b}_images_per_s']:.2f} "
-            f"| {r['start_to_first_image_s']:.1f} | {r['peak_mem_batch1_gib']:.2f} | {r.get('latents_rel_l2_vs_eager_fp16', float('nan')):.4f} |"
+            f"| {r['start_to_first_image_s']:.1f} | {r['peak_mem_batch1_gib']:.2f} | {r.get('latents_rel_l2_vs_eager_fp16', float('nan')):.4f} "
+            f"| {vae} |"
         )
     lines += ["", f"eager fp32 vs eager fp16 latents rel L2 (noise floor): {record['eager_fp32_vs_fp16_latents_rel_l2']}",
               "", f"command: `{record['command']}`", ""]

@@ -6,6 +6,8 @@
 # soak-start runs the soak in its own process session (it outlives this command; results
 # under /tmp/soak) and returns once the server answers; collect with benchmarks/soak_wait.sh.
 #   e.g. bash benchmarks/gpu_run.sh tests "tests/kernels tests/gpu" kernels e2e eager,triton,compile
+# "PATHS" is split on spaces into pytest's arguments: pick tests by node id
+# (file.py::test_name), since a -k expression with spaces falls apart.
 set -uo pipefail
 source .whl/bootstrap.sh
 # bootstrap.sh puts numpy 1.26 first for every process (the Python-backend stub of

@@ -1,5 +1,6 @@
 """Where one SD UNet call spends its GPU time: kernels grouped by kind, torch ops vs
-this project's patched UNet (after the per-shape dispatch has measured).
+this project's patched UNet (after the per-shape dispatch has measured), alone and as a
+step of a denoising loop (step-invariant work done at the loop's first step).
 
     python benchmarks/profile_unet.py [--batch 2,16] [--out benchmarks/results]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kernels.loop_constants import LoopConstants  # noqa: E402
 from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
 
 KINDS = [
@@ -36,16 +39,20 @@ def kind(name: str) -> str:
     return "elementwise/other"
 
 
-def profile(unet, batch: int, hidden: int) -> dict:
+def profile(unet, batch: int, hidden: int, in_loop: bool = False) -> dict:
+    """One UNet call; `in_loop`: a later step of a denoising loop, whose step-invariant work
+    (kernels.loop_constants) the first step already did, as every step after it in the graphs."""
     x = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    t = torch.tensor(500, device="cuda")
+    timesteps = torch.tensor([500, 499], device="cuda")
     e = torch.randn(batch, 77, hidden, device="cuda", dtype=torch.float16)
-    with torch.inference_mode():
-        for _ in range(3):
-            unet(x, t, encoder_hidden_states=e)
+    with torch.inference_mode(), (LoopConstants(unet, timesteps, e) if in_loop else contextlib.nullcontext()) as loop:
+        for step in (0, 1, 1):
+            if loop is not None:
+                loop.step = step
+            unet(x, timesteps[step], encoder_hidden_states=e)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            unet(x, t, encoder_hidden_states=e)
+            unet(x, timesteps[1], encoder_hidden_states=e)
             torch.cuda.synchronize()
     by_kind: dict[str, float] = collections.defaultdict(float)
     top = []
@@ -84,11 +91,11 @@ def main() -> int:
     unet = unet.to("cuda", memory_format=torch.channels_last).eval()
     hidden = unet.config.cross_attention_dim
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "profiles": []}
-    for label in ("torch", "patched"):
+    for label in ("torch", "patched", "patched-in-loop"):
         if label == "patched":
             record["patch_counts"] = patch_model(unet)
         for batch in (int(b) for b in args.batch.split(",")):
-            result = profile(unet, batch, hidden) | {"unet": label}
+            result = profile(unet, batch, hidden, in_loop=label == "patched-in-loop") | {"unet": label}
             record["profiles"].append(result)
             kinds = ", ".join(f"{k} {v:.2f}" for k, v in result["by_kind_ms"].items())
             print(f"{label:8s} batch {batch:2d}: {result['gpu_ms']:.2f} ms GPU  ({kinds})", flush=True)
