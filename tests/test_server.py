@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
