@@ -136,13 +136,3 @@ class TritonTimestepEmbedding(TimestepEmbedding):
         row = constants.emb_row(self, sample.shape[0]) if constants is not None and condition is None else None
         return super().forward(sample, condition) if row is None else row
 
-
-def patch_time_embedding(module) -> int:
-    """Swap Timesteps -> TritonTimesteps and TimestepEmbedding -> TritonTimestepEmbedding, in place (exact types only)."""
-    count = 0
-    for m in module.modules():
-        for base, patched in ((Timesteps, TritonTimesteps), (TimestepEmbedding, TritonTimestepEmbedding)):
-            if type(m) is base:
-                m.__class__ = patched
-                count += 1
-    return count

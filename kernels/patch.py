@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -578,6 +579,13 @@ def patch_norms(module, group_norm=True, layer_norm=True):
     return counts
 
 
+def patch_time_embedding(module):
+    """Swap Timesteps -> TritonTimesteps and TimestepEmbedding -> TritonTimestepEmbedding
+    (kernels.loop_constants), in place. Returns how many."""
+    pairs = ((Timesteps, loop_constants.TritonTimesteps), (TimestepEmbedding, loop_constants.TritonTimestepEmbedding))
+    return sum(_swap_class(m, base, patched) for m in list(module.modules()) for base, patched in pairs)
+
+
 def patch_geglu(module):
     """Swap diffusers GEGLU -> TritonGEGLU, in place. Returns how many."""
     return sum(_swap_class(m, GEGLU, TritonGEGLU) for m in list(module.modules()))
@@ -601,7 +609,7 @@ def patch_model(module, ops=OPS, min_kv_len=0):
         counts["attention"] = patch_attention(module, min_kv_len=min_kv_len)
         counts["transformer_layout"] = patch_transformers(module)
     # loop-invariant time embedding (kernels.loop_constants); computes as before outside a loop
-    counts["time_embedding"] = loop_constants.patch_time_embedding(module)
+    counts["time_embedding"] = patch_time_embedding(module)
     if "group_norm" in ops or "layer_norm" in ops:
         norm_counts = patch_norms(module, group_norm="group_norm" in ops, layer_norm="layer_norm" in ops)
         if "group_norm" in ops:
