@@ -13,20 +13,21 @@ so that exp2 maps to one instruction (log2(e) is folded into the scale):
     acc   = acc * exp2(m - m_new) + p v
     out   = acc / l
 
-m, l and acc are fp32. tl.arange needs power-of-two lengths and tl.dot a K of at least 16, so
-head_dim is covered by at most two power-of-two column blocks: D_A, the largest power of two
-<= head_dim, and D_B, the next power of two >= head_dim - D_A, each at least 16 (40 -> 32 + 16,
-80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64 alone). Both matmuls are split along head_dim, with
-q, k, v and acc in two column tiles each (q_a = q[:, :D_A], q_b = q[:, D_A:D_A + D_B]):
+m, l and acc are fp32. tl.arange needs power-of-two lengths and tl.dot a K of at least 16.
+A head_dim that is the sum of two such powers of two is covered by two column blocks,
+D_A the larger and D_B the rest (80 -> 64 + 16, 160 -> 128 + 32, 96 -> 64 + 32), and both
+matmuls are split along head_dim, with q, k, v and acc in two column tiles each
+(q_a = q[:, :D_A], q_b = q[:, D_A:D_A + D_B]):
 
     s     = q_a k_a^T + q_b k_b^T
     acc_a = acc_a * exp2(m - m_new) + p v_a
     acc_b = acc_b * exp2(m - m_new) + p v_b
 
-Columns past head_dim (40..47 for head_dim 40, 8..15 for head_dim 8) load as zeros under a
-mask. Where two blocks would be no narrower than one (24 -> 16 + 16 = 32), one block of
-next_power_of_2(head_dim) is used. SD_ATTN_SPLIT_D=0 in the environment, read at each call,
-pads every head_dim to one block of the next power of two instead (40 -> 64, 80 -> 128,
+Every other head_dim is one block of the next power of two, its columns past head_dim loaded
+as zeros under a mask (40 -> 64, 8 -> 16; _head_dim_blocks says why 40 is not 32 + 16). The
+kernel masks the second block's columns too, so it is correct for any (D_A, D_B), though
+_head_dim_blocks only ever picks exact splits. SD_ATTN_SPLIT_D=0 in the environment, read
+at each call, pads every head_dim to one block of the next power of two instead (80 -> 128,
 160 -> 256), as the kernel did before the split, so that a benchmark can time both in one
 process.
 
