@@ -28,7 +28,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -98,7 +97,7 @@ class DiffusersSystem:
 class StagesSystem:
     """This project's three stages in one process (what the served ensemble runs)."""
 
-    def __init__(self, model_dir: str, kernels: str, steps: int, size: int, buckets):
+    def __init__(self, model_dir: str, options, steps: int, size: int, buckets):
         from sd_backend.config import DeploymentConfig
         from sd_backend.engine import Engine
 
@@ -106,7 +105,7 @@ class StagesSystem:
         config = DeploymentConfig(
             model=model_dir,
             opt_level="triton",
-            kernels=kernels,
+            fast_path=options,
             default_steps=steps,
             default_height=size,
             default_width=size,
@@ -124,29 +123,33 @@ class StagesSystem:
         return self.engine.vae([latents[None]])[0]
 
 
-# system-name suffix -> (environment variable, its value with the suffix, without)
+# system-name suffix -> the FastPathOptions field it sets, and the value it sets it to
 SUFFIXES = {
-    "always": ("SD_KERNEL_DISPATCH", "always", "measure"),  # our kernel wherever it applies, untimed
-    "nofuse": ("SD_FUSE_PROJECTIONS", "0", "1"),  # separate q/k/v GEMMs
-    "copies": ("SD_KEEP_LAYOUT", "0", "1"),  # diffusers' layout copies around attention kept
-    "nohoist": ("SD_LOOP_CONSTANTS", "0", "1"),  # time embedding and cross-attention k/v at every step
-    "nosplit": ("SD_ATTN_SPLIT_D", "0", "1"),  # attention head_dim padded to one power of two
-    "plainvae": ("SD_OPTIMIZE_VAE", "0", "1"),  # diffusers' VAE as it is (NCHW, torch's ops)
+    "always": ("kernel_dispatch", "always"),  # our kernel wherever it applies, untimed
+    "nofuse": ("fuse_projections", False),  # separate q/k/v GEMMs
+    "copies": ("keep_layout", False),  # diffusers' layout copies around attention kept
+    "nohoist": ("loop_constants", False),  # time embedding, ResNet time projections, cross-attention k/v at every step
+    "nosplit": ("split_head_dim", False),  # attention head_dim padded to one power of two
+    "plainvae": ("optimize_vae", False),  # diffusers' VAE as it is (NCHW, torch's ops)
 }
+
+
+def options_for(name: str):
+    """The FastPathOptions of a `triton`/`graphs`/`inductor` system name with its suffixes."""
+    from sd_backend.config import FastPathOptions
+
+    base, *suffixes = name.split("-")
+    kernels = {"graphs": (), "inductor": ("inductor",)}.get(base, FastPathOptions().kernels)
+    return FastPathOptions(kernels=kernels, **dict(SUFFIXES[suffix] for suffix in suffixes))
 
 
 def build(name: str, args):
     if name in ("eager", "compile"):
         return DiffusersSystem(args.model_dir, name, args.steps, args.size)
-    kernels = {"graphs": "", "inductor": "inductor"}.get(name, "attention,group_norm,layer_norm,geglu")
-    return StagesSystem(args.model_dir, kernels, args.steps, args.size, (1, args.batch))
+    return StagesSystem(args.model_dir, options_for(name), args.steps, args.size, (1, args.batch))
 
 
 def measure(name: str, args, reference) -> dict:
-    # suffixes switch one part of the engine off (or to per-shape timing), for A/B rows
-    options = set(name.split("-")[1:])
-    for suffix, (variable, on, off) in SUFFIXES.items():
-        os.environ[variable] = on if suffix in options else off
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -183,9 +186,13 @@ def measure(name: str, args, reference) -> dict:
         "peak_mem_load_gib": load_peak / 2**30,
     }
     if name.startswith("triton"):
-        from kernels import dispatch
-
-        result["kernel_dispatch"] = dispatch.decisions()
+        engine = system.engine
+        result["kernel_dispatch"] = [
+            dict(d, stage=stage.__class__.__name__)
+            for stage in (engine.unet, engine.vae)
+            if stage.fast_path is not None
+            for d in stage.fast_path.decisions()
+        ]
     if reference is not None:
         result["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference["latents"])
         # the VAE alone: eager's latents through this system's decoder against eager's image

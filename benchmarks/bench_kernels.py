@@ -27,82 +27,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import sd_backend  # noqa: E402,F401  (maps sd_kernels to the checkout's kernels/ where it is not installed)
 
-# (name, batch, heads, q_len, kv_len, head_dim): SD 1.5 UNet, 8 heads, CLIP context of 77 tokens
-ATTENTION = [
-    ("unet self 64x64", 2, 8, 4096, 4096, 40),
-    ("unet self 32x32", 2, 8, 1024, 1024, 80),
-    ("unet self 16x16", 2, 8, 256, 256, 160),
-    ("unet self 8x8", 2, 8, 64, 64, 160),
-    ("unet cross 64x64", 2, 8, 4096, 77, 40),
-    ("unet cross 32x32", 2, 8, 1024, 77, 80),
-    ("unet cross 16x16", 2, 8, 256, 77, 160),
-    ("unet cross 8x8", 2, 8, 64, 77, 160),
-    # batch 8 with guidance: where the batch-8 target's attention time is
-    ("unet self 64x64", 16, 8, 4096, 4096, 40),
-    ("unet self 32x32", 16, 8, 1024, 1024, 80),
-    ("unet self 16x16", 16, 8, 256, 256, 160),
-    ("unet cross 64x64", 16, 8, 4096, 77, 40),
-]
-
-# (name, shape, groups, eps, silu): every distinct GroupNorm input of the SD 1.5 UNet (batch 2)
-# and VAE decoder (batch 1); ResNet norms are followed by SiLU, which the Triton op fuses
-GROUP_NORM = [
-    ("unet resnet", (2, 320, 64, 64), 32, 1e-5, True),
-    ("unet resnet", (2, 640, 64, 64), 32, 1e-5, True),
-    ("unet resnet", (2, 960, 64, 64), 32, 1e-5, True),
-    ("unet resnet", (2, 320, 32, 32), 32, 1e-5, True),
-    ("unet resnet", (2, 640, 32, 32), 32, 1e-5, True),
-    ("unet resnet", (2, 960, 32, 32), 32, 1e-5, True),
-    ("unet resnet", (2, 1280, 32, 32), 32, 1e-5, True),
-    ("unet resnet", (2, 1920, 32, 32), 32, 1e-5, True),
-    ("unet resnet", (2, 640, 16, 16), 32, 1e-5, True),
-    ("unet resnet", (2, 1280, 16, 16), 32, 1e-5, True),
-    ("unet resnet", (2, 1920, 16, 16), 32, 1e-5, True),
-    ("unet resnet", (2, 2560, 16, 16), 32, 1e-5, True),
-    ("unet resnet", (2, 1280, 8, 8), 32, 1e-5, True),
-    ("unet resnet", (2, 2560, 8, 8), 32, 1e-5, True),
-    ("unet transformer", (2, 320, 64, 64), 32, 1e-6, False),
-    ("unet transformer", (2, 640, 32, 32), 32, 1e-6, False),
-    ("unet transformer", (2, 1280, 16, 16), 32, 1e-6, False),
-    ("unet transformer", (2, 1280, 8, 8), 32, 1e-6, False),
-    ("vae resnet", (1, 512, 64, 64), 32, 1e-6, True),
-    ("vae resnet", (1, 512, 128, 128), 32, 1e-6, True),
-    ("vae resnet", (1, 512, 256, 256), 32, 1e-6, True),
-    ("vae resnet", (1, 256, 256, 256), 32, 1e-6, True),
-    ("vae resnet", (1, 256, 512, 512), 32, 1e-6, True),
-    ("vae resnet", (1, 128, 512, 512), 32, 1e-6, True),
-    ("vae attention", (1, 512, 4096), 32, 1e-6, False),
-]
-
-# (name, shape): LayerNorm of the UNet transformer blocks (batch 2) and of CLIP ViT-L (cond + uncond)
-LAYER_NORM = [
-    ("unet 64x64", (2, 4096, 320)),
-    ("unet 32x32", (2, 1024, 640)),
-    ("unet 16x16", (2, 256, 1280)),
-    ("unet 8x8", (2, 64, 1280)),
-    ("clip", (2, 77, 768)),
-]
-
-# (name, shape of the projection output (..., 2F)): GEGLU of the UNet feed-forward, F = 4 * channels
-GEGLU = [
-    ("unet 64x64", (2, 4096, 2 * 1280)),
-    ("unet 32x32", (2, 1024, 2 * 2560)),
-    ("unet 16x16", (2, 256, 2 * 5120)),
-    ("unet 8x8", (2, 64, 2 * 5120)),
-]
-
-# (name, shape, shortcut): ResnetBlock2D outputs of the UNet (batch 2, channels_last): conv2's bias,
-# the residual, conv_shortcut's bias where the block changes channels, / output_scale_factor
-BIAS_RESIDUAL = [
-    ("unet resnet 64x64", (2, 320, 64, 64), False),
-    ("unet resnet 32x32", (2, 640, 32, 32), True),
-    ("unet resnet 32x32", (2, 640, 32, 32), False),
-    ("unet resnet 16x16", (2, 1280, 16, 16), True),
-    ("unet resnet 16x16", (2, 1280, 16, 16), False),
-    ("unet resnet 8x8", (2, 1280, 8, 8), False),
-    ("unet up resnet 64x64", (2, 320, 64, 64), True),
-]
+from sd_shapes import ATTENTION, BIAS_RESIDUAL, GEGLU, GROUP_NORM, LAYER_NORM  # noqa: E402  (benchmarks/)
 
 # (atol, rtol) against the fp32 reference, as in tests/kernels
 TOLERANCES = {
@@ -167,10 +94,10 @@ def _record(op, name, shape_key, triton_fn, torch_fn, reference_fn, tol, extra):
 
 
 def bench_attention(dtype, gen):
-    from kernels import flash_attention, flash_attention_reference
+    from sd_kernels import flash_attention, flash_attention_reference
 
-    # the module (kernels.flash_attention the attribute is the function), for its autotuner's choice
-    autotuner = sys.modules["kernels.flash_attention"]._attn_fwd_kernel
+    # the module (sd_kernels.flash_attention the attribute is the function), for its autotuner's choice
+    autotuner = sys.modules["sd_kernels.flash_attention"]._attn_fwd_kernel
     tol = TOLERANCES["flash_attention"][dtype]
     rows = []
     for name, batch, heads, q_len, kv_len, head_dim in ATTENTION:
@@ -199,18 +126,10 @@ def bench_attention(dtype, gen):
 
 
 def _one_block(q, k, v):
-    """flash_attention with head_dim padded to one power of two (SD_ATTN_SPLIT_D=0), as before the split."""
-    from kernels import flash_attention
+    """flash_attention with head_dim padded to one power of two, as before the split."""
+    from sd_kernels import flash_attention
 
-    previous = os.environ.get("SD_ATTN_SPLIT_D")
-    os.environ["SD_ATTN_SPLIT_D"] = "0"
-    try:
-        return flash_attention(q, k, v)
-    finally:
-        if previous is None:
-            os.environ.pop("SD_ATTN_SPLIT_D")
-        else:
-            os.environ["SD_ATTN_SPLIT_D"] = previous
+    return flash_attention(q, k, v, split_head_dim=False)
 
 
 def _cudnn_sdpa(q, k, v):
@@ -230,7 +149,7 @@ def _graph_ms_or_error(fn):
 
 
 def bench_group_norm(dtype, gen):
-    from kernels import group_norm, group_norm_reference
+    from sd_kernels import group_norm, group_norm_reference
 
     tol = TOLERANCES["norm"][dtype]
     rows = []
@@ -270,7 +189,7 @@ def bench_group_norm(dtype, gen):
 
 
 def bench_layer_norm(dtype, gen):
-    from kernels import layer_norm, layer_norm_reference
+    from sd_kernels import layer_norm, layer_norm_reference
 
     tol = TOLERANCES["norm"][dtype]
     rows = []
@@ -295,7 +214,7 @@ def bench_layer_norm(dtype, gen):
 
 
 def bench_geglu(dtype, gen):
-    from kernels import geglu, geglu_reference
+    from sd_kernels import geglu, geglu_reference
 
     tol = TOLERANCES["norm"][dtype]
     rows = []
@@ -314,7 +233,7 @@ def bench_geglu(dtype, gen):
 
 
 def bench_bias_residual(dtype, gen):
-    from kernels import bias_residual, bias_residual_reference
+    from sd_kernels import bias_residual, bias_residual_reference
 
     tol = TOLERANCES["norm"][dtype]
     rows = []

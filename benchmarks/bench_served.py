@@ -30,14 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-try:
-    import sd_client  # noqa: F401
-except ImportError:  # a checkout that was not pip-installed: the package lives in client/
-    import importlib
-
-    sys.modules["sd_client"] = importlib.import_module("client")
+import sd_backend  # noqa: E402,F401  (maps sd_client to the checkout's client/ where it is not installed)
 from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
-from sd_backend.demo import free_port  # noqa: E402
 from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -94,7 +88,7 @@ def server_options(args, level: str) -> ServerOptions:
     }
     if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
-    return ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env, python_shm_mb=64)
+    return ServerOptions.on_free_ports(env=env, python_shm_mb=64)
 
 
 def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:

@@ -1,6 +1,6 @@
 """Where one SD UNet call spends its GPU time: kernels grouped by kind, torch ops vs
 this project's patched UNet (after the per-shape dispatch has measured), alone and as a
-step of a denoising loop (step-invariant work done at the loop's first step).
+step of a denoising loop (step-invariant work done once for the loop).
 
     python benchmarks/profile_unet.py [--batch 2,16] [--out benchmarks/results]
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.loop_constants import LoopConstants  # noqa: E402
+import sd_backend  # noqa: E402,F401  (the checkout's packages, installed or not)
 from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
 
 KINDS = [
@@ -40,19 +39,26 @@ def kind(name: str) -> str:
 
 
 def profile(unet, batch: int, hidden: int, in_loop: bool = False) -> dict:
-    """One UNet call; `in_loop`: a later step of a denoising loop, whose step-invariant work
-    (kernels.loop_constants) the first step already did, as every step after it in the graphs."""
+    """One UNet call; `in_loop`: a step of a denoising loop, whose step-invariant work
+    (sd_backend.fast.step_constants) was done once for the loop, as in the graphs."""
+    from sd_backend.fast.step_constants import StepConstants
+
     x = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     timesteps = torch.tensor([500, 499], device="cuda")
     e = torch.randn(batch, 77, hidden, device="cuda", dtype=torch.float16)
-    with torch.inference_mode(), (LoopConstants(unet, timesteps, e) if in_loop else contextlib.nullcontext()) as loop:
-        for step in (0, 1, 1):
-            if loop is not None:
-                loop.step = step
-            unet(x, timesteps[step], encoder_hidden_states=e)
+    with torch.inference_mode():
+        constants = StepConstants(unet, timesteps, e) if in_loop else None
+
+        def call():
+            if constants is not None:
+                return constants.unet_step(1, x)
+            return unet(x, timesteps[1], encoder_hidden_states=e)
+
+        for _ in range(3):
+            call()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            unet(x, timesteps[1], encoder_hidden_states=e)
+            call()
             torch.cuda.synchronize()
     by_kind: dict[str, float] = collections.defaultdict(float)
     top = []
@@ -80,8 +86,8 @@ def main() -> int:
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
 
-    from kernels import dispatch
-    from kernels.patch import patch_model
+    from sd_backend.fast.modules import patch_model
+    from sd_backend.fast.runtime import FastPath
     from sd_backend.offline import write_offline_model
 
     if not Path(args.model).exists():
@@ -91,9 +97,10 @@ def main() -> int:
     unet = unet.to("cuda", memory_format=torch.channels_last).eval()
     hidden = unet.config.cross_attention_dim
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "profiles": []}
+    fast = FastPath()  # the deployment defaults: `measure` dispatch
     for label in ("torch", "patched", "patched-in-loop"):
         if label == "patched":
-            record["patch_counts"] = patch_model(unet)
+            record["patch_counts"] = patch_model(unet, fast)
         for batch in (int(b) for b in args.batch.split(",")):
             result = profile(unet, batch, hidden, in_loop=label == "patched-in-loop") | {"unet": label}
             record["profiles"].append(result)
@@ -101,7 +108,7 @@ def main() -> int:
             print(f"{label:8s} batch {batch:2d}: {result['gpu_ms']:.2f} ms GPU  ({kinds})", flush=True)
             for row in result["top"][:8]:
                 print(f"    {row['ms']:7.3f} ms  x{row['calls']:<4d} {row['kernel']}")
-    record["dispatch"] = dispatch.decisions()
+    record["dispatch"] = fast.decisions()
     used = sum(d["uses_triton"] for d in record["dispatch"])
     print(f"dispatch: Triton kernel chosen at {used} of {len(record['dispatch'])} shapes")
     for d in record["dispatch"]:

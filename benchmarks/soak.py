@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from record import result_path  # noqa: E402  (benchmarks/, the script's own folder)
-from sd_backend.demo import free_port  # noqa: E402
 from sd_backend.launcher import ServerOptions, TritonServer  # noqa: E402
 
 
@@ -77,12 +76,6 @@ def main() -> int:
         write_record(Path(args.out), command, samples, args.warm_up_s, args.slack_mib, note=args.note, device=args.device)
         return 0
 
-    try:
-        import sd_client  # noqa: F401
-    except ImportError:  # a checkout that was not pip-installed
-        import importlib
-
-        sys.modules["sd_client"] = importlib.import_module("client")
     from sd_client.perf import perf_analyzer
 
     env = {"SD_MODEL": args.model, "SD_OPT_LEVEL": args.opt_level}
@@ -90,7 +83,7 @@ def main() -> int:
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = ServerOptions(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env=env)
+    options = ServerOptions.on_free_ports(env=env)
     samples: list[dict] = []
     stop = threading.Event()
     with TritonServer(options, log_path=out / "soak-server.log") as server:

@@ -1,40 +1,39 @@
-"""Triton kernels for the Stable Diffusion 1.x/2.x UNet, VAE and CLIP.
+"""OpenAI-Triton ops for the Stable Diffusion UNet and VAE, installed as `sd_kernels`.
 
-One op per module, each with a launcher and a plain-torch `<op>_reference`:
+One op per module, in the order of Triton's tutorials (the math as a docstring, the
+@triton.jit kernels, a launcher that checks and launches, a plain-torch `<op>_reference`):
 flash_attention, group_norm (with fused SiLU and pre-add), layer_norm, geglu,
-bias_residual. `kernels.patch` swaps them into a diffusers model.
+bias_residual. Tensors in, tensors out: sd_backend.fast.modules swaps them into diffusers'
+modules.
 
-The ops need OpenAI Triton. Without it this package still imports (so that
-`kernels.patch` works and falls back to torch off CUDA); using an op raises ImportError.
+An op's module (and OpenAI Triton) is imported when the op is first used, not with this
+package: from a checkout's root this folder is also importable as `kernels`, the name of
+Hugging Face's kernel-hub package, which transformers imports to probe for it.
 """
 
-__all__ = [
-    "bias_residual",
-    "bias_residual_reference",
-    "flash_attention",
-    "flash_attention_reference",
-    "geglu",
-    "geglu_reference",
-    "group_norm",
-    "group_norm_reference",
-    "layer_norm",
-    "layer_norm_reference",
-]
+import importlib
+import sys
+import types
 
-try:
-    from .bias_residual import bias_residual, bias_residual_reference
-    from .flash_attention import flash_attention, flash_attention_reference
-    from .geglu import geglu, geglu_reference
-    from .group_norm import group_norm, group_norm_reference
-    from .layer_norm import layer_norm, layer_norm_reference
-except ModuleNotFoundError as _err:
-    if _err.name != "triton":
-        raise
-    _TRITON_IMPORT_ERROR = _err
+_MODULES = ("bias_residual", "flash_attention", "geglu", "group_norm", "layer_norm")
+__all__ = sorted(_MODULES + tuple(f"{m}_reference" for m in _MODULES))
 
-    def __getattr__(name):
-        if name in __all__:
-            raise ImportError(
-                f"kernels.{name} needs OpenAI Triton, which is not installed (pip install triton)"
-            ) from _TRITON_IMPORT_ERROR
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # importing `.group_norm` binds the module to that name: bind the op of the same name
+        if name in _MODULES and isinstance(value, types.ModuleType):
+            super().__setattr__(f"{name}_reference", getattr(value, f"{name}_reference"))
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+def __getattr__(name):
+    module = name.removesuffix("_reference")
+    if module not in _MODULES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(f".{module}", __name__)  # binds the op and its reference (_Package)
+    return globals()[name]
+
+
+sys.modules[__name__].__class__ = _Package

@@ -13,14 +13,12 @@ The program walks the flat storage. Channel of a flat offset: off % C for channe
 its first element and steps from there in int32.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._checks import check_channel_vector, check_tensor, contiguous_or_none
+
 _BLOCK = 1024  # elements per program
 
 
@@ -60,16 +58,6 @@ def _bias_residual_fwd_kernel(
     tl.store(Y + start + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_device(name, t, device):
-    if not (t.is_cuda or (_INTERPRET and t.device.type == "cpu")):
-        raise ValueError(
-            f"bias_residual: {name}.device is {t.device}; allowed: a CUDA device "
-            f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
-        )
-    if t.device != device:
-        raise ValueError(f"bias_residual: {name}.device is {t.device}; allowed: x's device {device}")
-
-
 def _memory_format(t):
     """torch.contiguous_format or torch.channels_last when t is dense in it (contiguous first), else None."""
     if t.is_contiguous():
@@ -86,13 +74,9 @@ def bias_residual(x, bias, residual=None, residual_bias=None, scale=1.0):
     residual: x's shape and memory format, any of those dtypes. bias, residual_bias: (C,),
     any floating dtype. Math in fp32. Returns a tensor of x's shape, dtype and memory format.
     """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"bias_residual: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("bias_residual", "x", x)
     if x.dim() != 4:
         raise ValueError(f"bias_residual: x.shape is {tuple(x.shape)}; allowed: (N, C, H, W)")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"bias_residual: x.dtype is {x.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
-    _check_device("x", x, x.device)
     fmt = _memory_format(x)
     if fmt is None:
         raise ValueError(
@@ -100,28 +84,18 @@ def bias_residual(x, bias, residual=None, residual_bias=None, scale=1.0):
         )
     N, C, H, W = x.shape
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
-            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
-            raise ValueError(f"bias_residual: residual is {shape}; allowed: None or x's shape {tuple(x.shape)}")
-        if residual.dtype not in _DTYPES:
+        check_tensor("bias_residual", "residual", residual, device=x.device)
+        if residual.shape != x.shape:
             raise ValueError(
-                f"bias_residual: residual.dtype is {residual.dtype}; allowed: {', '.join(map(str, _DTYPES))}"
+                f"bias_residual: residual is {tuple(residual.shape)}; allowed: None or x's shape {tuple(x.shape)}"
             )
-        _check_device("residual", residual, x.device)
         if not residual.is_contiguous(memory_format=fmt):
             name = "channels_last" if fmt == torch.channels_last else "contiguous NCHW"
             raise ValueError(
                 f"bias_residual: residual.stride() is {residual.stride()}; allowed: x's memory format ({name})"
             )
-    for name, t in (("bias", bias), ("residual_bias", residual_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (C,):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"bias_residual: {name} is {shape}; allowed: None or a tensor of shape ({C},)")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"bias_residual: {name}.dtype is {t.dtype}; allowed: a floating dtype")
-        _check_device(name, t, x.device)
+    check_channel_vector("bias_residual", "bias", bias, C, x.device)
+    check_channel_vector("bias_residual", "residual_bias", residual_bias, C, x.device)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale == 0 or scale != scale:
         raise ValueError(f"bias_residual: scale is {scale!r}; allowed: a nonzero number")
 
@@ -129,10 +103,7 @@ def bias_residual(x, bias, residual=None, residual_bias=None, scale=1.0):
     numel = x.numel()
     if numel == 0:
         return out
-    if bias is not None:
-        bias = bias.contiguous()
-    if residual_bias is not None:
-        residual_bias = residual_bias.contiguous()
+    bias, residual_bias = contiguous_or_none(bias), contiguous_or_none(residual_bias)
     _bias_residual_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
         x,
         residual if residual is not None else x,

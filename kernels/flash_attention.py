@@ -24,12 +24,11 @@ matmuls are split along head_dim, with q, k, v and acc in two column tiles each
     acc_b = acc_b * exp2(m - m_new) + p v_b
 
 Every other head_dim is one block of the next power of two, its columns past head_dim loaded
-as zeros under a mask (40 -> 64, 8 -> 16; _head_dim_blocks says why 40 is not 32 + 16). The
+as zeros under a mask (40 -> 64, 8 -> 16). The
 kernel masks the second block's columns too, so it is correct for any (D_A, D_B), though
-_head_dim_blocks only ever picks exact splits. SD_ATTN_SPLIT_D=0 in the environment, read
-at each call, pads every head_dim to one block of the next power of two instead (80 -> 128,
-160 -> 256), as the kernel did before the split, so that a benchmark can time both in one
-process.
+_head_dim_blocks only ever picks exact splits. split_head_dim=False pads every head_dim to
+one block of the next power of two instead (80 -> 128, 160 -> 256), so that a benchmark can
+time both in one process.
 
 The key tail (kv_len 77 for the CLIP context) is masked to -inf before the row max.
 Shapes: q (batch, heads, q_len, head_dim), k and v (batch, heads, kv_len, head_dim), any
@@ -37,15 +36,13 @@ strides (diffusers hands over transposed views).
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# @triton.jit reads TRITON_INTERPRET when the module is imported; the configs follow it.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._checks import INTERPRET, check_tensor
+
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
@@ -56,11 +53,8 @@ def _head_dim_blocks(head_dim, split=True):
     Two blocks only where they cover head_dim exactly, D_A the largest power of two below it
     and D_B the rest, both at least 16 (tl.dot's smallest K): 80 -> (64, 16), 160 -> (128, 32),
     96 -> (64, 32). Everywhere else, or with split False, one block of next_power_of_2(head_dim):
-    64 -> (64, 0), 8 -> (16, 0), 40 -> (64, 0). Why not 40 -> 32 + 16 (48 columns, 8 of them
-    padding): on an H200 (benchmarks/results, kernels table of 2026-11-27) that ran 1-3% slower
-    than 64 padded at SD's 4096-token self-attention, which is bound by the softmax's exp2, not
-    by the matmuls, and 13% slower at its cross-attention; the exact splits of 80 and 160 ran
-    10-30% faster.
+    64 -> (64, 0), 8 -> (16, 0), 40 -> (64, 0): 40 as 32 + 16 measured no faster, its
+    self-attention being softmax-bound (benchmarks/NOTES.md).
     """
     single = max(16, triton.next_power_of_2(head_dim))
     d_a = max(16, 1 << (head_dim.bit_length() - 1))
@@ -71,7 +65,7 @@ def _head_dim_blocks(head_dim, split=True):
 
 
 def _configs():
-    if _INTERPRET:
+    if INTERPRET:
         # Small blocks so that CPU tests cover several query blocks and the key tail.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
@@ -260,16 +254,7 @@ def _attn_fwd_kernel(
         )
 
 
-def _check_device(name, t):
-    if t.is_cuda or (_INTERPRET and t.device.type == "cpu"):
-        return
-    raise ValueError(
-        f"flash_attention: {name}.device is {t.device}; allowed: a CUDA device "
-        f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
-    )
-
-
-def flash_attention(q, k, v, scale=None, out=None):
+def flash_attention(q, k, v, scale=None, out=None, split_head_dim=True):
     """softmax(scale * q k^T) v, non-causal, no mask.
 
     q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); any strides.
@@ -280,17 +265,15 @@ def flash_attention(q, k, v, scale=None, out=None):
     stride is 1, and returns it: e.g. the (batch, heads, q_len, head_dim) view of a
     (batch, q_len, heads, head_dim) buffer, which the output projection reads as
     (batch, q_len, heads * head_dim) without a transposing copy.
+    split_head_dim False covers head_dim with one padded block even where two exact
+    blocks would do (80 -> 128 instead of 64 + 16; see _head_dim_blocks).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor("flash_attention", name, t)
         if t.dim() != 4:
             raise ValueError(
                 f"flash_attention: {name}.shape is {tuple(t.shape)}; allowed: 4 dims (batch, heads, seq_len, head_dim)"
             )
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"flash_attention: {name}.dtype is {t.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
-        _check_device(name, t)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"flash_attention: dtypes differ (q {q.dtype}, k {k.dtype}, v {v.dtype}); allowed: all the same"
@@ -331,8 +314,7 @@ def flash_attention(q, k, v, scale=None, out=None):
         raise ValueError(f"flash_attention: out has strides {out.stride()}; allowed: head_dim stride 1, no broadcast dims")
     if out.numel() == 0:
         return out
-    # read per call so that a benchmark can time both layouts in one process
-    d_a, d_b = _head_dim_blocks(head_dim, split=os.environ.get("SD_ATTN_SPLIT_D", "1") != "0")
+    d_a, d_b = _head_dim_blocks(head_dim, split=split_head_dim)
 
     # ALIGN: 16 bytes in elements, when every row and (batch, head) slice starts 16-byte aligned
     align = 16 // q.element_size()

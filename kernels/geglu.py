@@ -9,14 +9,12 @@ F is 1280, 2560, 5120 in the SD 1.x UNet. One read of x, one write of (..., F), 
 torch's gelu pass and multiply pass.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._checks import check_tensor
+
 _TILE = 2048  # elements of output per program
 _MAX_BLOCK_F = 1024
 
@@ -47,17 +45,9 @@ def geglu(x):
 
     float16, bfloat16 or float32. Returns a contiguous (..., F) tensor of x's dtype.
     """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"geglu: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("geglu", "x", x)
     if x.dim() < 1:
         raise ValueError("geglu: x is a 0-dim tensor; allowed: (..., 2F) with at least 1 dim")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"geglu: x.dtype is {x.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
-        raise ValueError(
-            f"geglu: x.device is {x.device}; allowed: a CUDA device "
-            f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
-        )
     two_f = x.shape[-1]
     if two_f % 2 != 0:
         raise ValueError(f"geglu: x.shape[-1] is {two_f}; allowed: an even size (value half, then gate half)")

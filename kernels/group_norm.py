@@ -23,14 +23,12 @@ Strides are passed through, so contiguous NCHW and channels_last (and the transp
 (N, C, L) view of diffusers' VAE attention) are read in place; the output has x's layout.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._checks import check_channel_vector, check_device, check_tensor, contiguous_or_none
+
 _ACTIVATIONS = (None, "silu")
 _MAX_SINGLE_TILE = 8192  # elements of a (C/G, S) tile that one program normalizes alone
 _CHUNK_TILE = 4096  # elements of a (C/G, chunk of S) tile in the split path
@@ -164,16 +162,6 @@ def _group_norm_fwd_kernel(
     tl.store(base + offs_c[:, None] * stride_yc + offs_s[None, :] * stride_ys, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_device(name, t, device):
-    if not (t.is_cuda or (_INTERPRET and t.device.type == "cpu")):
-        raise ValueError(
-            f"group_norm: {name}.device is {t.device}; allowed: a CUDA device "
-            f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
-        )
-    if t.device != device:
-        raise ValueError(f"group_norm: {name}.device is {t.device}; allowed: x's device {device}")
-
-
 def _as_ncs(x):
     """(N, C, *spatial) -> an (N, C, S) view when the spatial dims merge (NCHW, channels_last), else a copy."""
     n, c = x.shape[:2]
@@ -191,13 +179,9 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=N
     floating dtype and strides (read as fp32), or None. Statistics in fp32.
     Returns a tensor of x's shape, dtype and memory format.
     """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("group_norm", "x", x)
     if x.dim() < 2:
         raise ValueError(f"group_norm: x.shape is {tuple(x.shape)}; allowed: (N, C, *spatial) with at least 2 dims")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"group_norm: x.dtype is {x.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
-    _check_device("x", x, x.device)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"group_norm: activation is {activation!r}; allowed: None or 'silu'")
     C = x.shape[1]
@@ -210,15 +194,8 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=N
         raise ValueError(
             f"group_norm: channels per group C / num_groups is {group_channels}; allowed: at most {_MAX_GROUP_CHANNELS}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (C,):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"group_norm: {name} is {shape}; allowed: None or a tensor of shape ({C},)")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"group_norm: {name}.dtype is {t.dtype}; allowed: a floating dtype")
-        _check_device(name, t, x.device)
+    check_channel_vector("group_norm", "weight", weight, C, x.device)
+    check_channel_vector("group_norm", "bias", bias, C, x.device)
     N = x.shape[0]
     if pre_add is not None:
         if not isinstance(pre_add, torch.Tensor) or pre_add.shape != (N, C):
@@ -226,7 +203,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=N
             raise ValueError(f"group_norm: pre_add is {shape}; allowed: None or a tensor of shape ({N}, {C})")
         if not pre_add.dtype.is_floating_point:
             raise ValueError(f"group_norm: pre_add.dtype is {pre_add.dtype}; allowed: a floating dtype")
-        _check_device("pre_add", pre_add, x.device)
+        check_device("group_norm", "pre_add", pre_add, x.device)
 
     x3 = _as_ncs(x)  # (N, C, S)
     N, _, S = x3.shape
@@ -235,10 +212,7 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=N
     y3 = torch.empty_like(x3)  # keeps x3's strides, so channels_last stays channels_last
     if y3.numel() == 0:
         return y3.view(x.shape)
-    if weight is not None:
-        weight = weight.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
     p = pre_add if pre_add is not None else x3  # a dummy when absent
     stride_p = pre_add.stride() if pre_add is not None else (0, 0)
 

@@ -10,14 +10,12 @@ A program normalizes BLOCK_M whole rows, so that short rows still give each prog
 few thousand elements.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._checks import check_channel_vector, check_tensor, contiguous_or_none
+
 _MAX_D = 8192  # a whole row lives in registers
 _TILE = 4096  # elements per program
 
@@ -55,41 +53,20 @@ def _layer_norm_fwd_kernel(
     tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_device(name, t, device):
-    if not (t.is_cuda or (_INTERPRET and t.device.type == "cpu")):
-        raise ValueError(
-            f"layer_norm: {name}.device is {t.device}; allowed: a CUDA device "
-            f"(or cpu with TRITON_INTERPRET=1 set before importing kernels)"
-        )
-    if t.device != device:
-        raise ValueError(f"layer_norm: {name}.device is {t.device}; allowed: x's device {device}")
-
-
 def layer_norm(x, weight, bias, eps=1e-5):
     """F.layer_norm(x, (x.shape[-1],), weight, bias, eps).
 
     x: (..., D), float16, bfloat16 or float32, D <= 8192; weight, bias: (D,) or None.
     Statistics in fp32. Returns a contiguous tensor of x's shape and dtype.
     """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("layer_norm", "x", x)
     if x.dim() < 1:
         raise ValueError("layer_norm: x is a 0-dim tensor; allowed: (..., D) with at least 1 dim")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"layer_norm: x.dtype is {x.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
-    _check_device("x", x, x.device)
     D = x.shape[-1]
     if not 1 <= D <= _MAX_D:
         raise ValueError(f"layer_norm: x.shape[-1] is {D}; allowed: 1 to {_MAX_D}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (D,):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"layer_norm: {name} is {shape}; allowed: None or a tensor of shape ({D},)")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"layer_norm: {name}.dtype is {t.dtype}; allowed: a floating dtype")
-        _check_device(name, t, x.device)
+    check_channel_vector("layer_norm", "weight", weight, D, x.device)
+    check_channel_vector("layer_norm", "bias", bias, D, x.device)
 
     x2 = x.reshape(-1, D)  # (rows, D)
     if x2.stride(-1) != 1:
@@ -99,10 +76,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if y.numel() == 0:
         return y
     y2 = y.view(-1, D)
-    if weight is not None:
-        weight = weight.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
+    weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
 
     block_d = triton.next_power_of_2(D)
     block_m = max(1, min(_TILE // block_d, triton.next_power_of_2(rows)))

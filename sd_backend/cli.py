@@ -40,7 +40,12 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
+    try:
+        server.start()
+    except (ValueError, FileNotFoundError) as err:
+        server.stop()
+        print(f"sd-triton: {err}", file=sys.stderr)
+        return 2
     print(f"sd-triton: starting tritonserver on {options.model_repository}", flush=True)
     try:
         while not server.is_ready():

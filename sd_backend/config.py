@@ -1,7 +1,10 @@
-"""One configuration object for a deployment.
+"""One configuration object for a deployment, and the one place it is written.
 
-Filled from the `parameters` of a model's `config.pbtxt`, then from environment
-variables (`SD_<FIELD>` in upper case: `SD_MODEL`, `SD_DTYPE`, ...), which win.
+A deployment's settings live in `deployment.toml` at the root of its model repository;
+every model of the repository and the launcher read that file (`DeploymentConfig.load`),
+then environment variables `SD_<FIELD>` (`SD_MODEL`, `SD_OPT_LEVEL`, ...; the fast path's
+fields as `SD_FAST_PATH_<FIELD>`), which win. `config.pbtxt` holds only what Triton itself
+reads; `sd_backend.repository` checks its batch sizes against these settings.
 """
 
 from __future__ import annotations
@@ -14,12 +17,63 @@ from typing import Any, Mapping
 
 SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m")
 OPT_LEVELS = ("eager", "compile", "triton", "deepspeed")
+KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu")
+DISPATCH_MODES = ("measure", "always", "never")
+DEPLOYMENT_FILE = "deployment.toml"
 
 
 def default_cache_dir() -> str:
     """Where offline models (`tiny`, `sd15-random`) are written."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "sd-triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathOptions:
+    """How the `triton` level builds its fast path. Read once at load and handed to the
+    patched modules and the captured loops as an argument. The defaults are the fastest
+    measured (benchmarks/NOTES.md); each switch exists so that one process can time a part
+    with and without it (benchmarks/bench_e2e.py's suffixes)."""
+
+    kernels: tuple[str, ...] = KERNEL_OPS
+    """Ops patched with this project's kernels (a subset of attention, group_norm,
+    layer_norm, geglu; empty for the whole-loop graphs alone). `inductor` instead compiles
+    the UNet with torch.compile (default mode) inside the graphs."""
+
+    kernel_dispatch: str = "measure"
+    """`measure`: the first time a patched module meets a shape (at warm-up, before any
+    capture), its kernel and the torch op it replaces are timed by CUDA-graph replay and the
+    faster is kept for that shape. `always`: the kernel wherever it applies. `never`: torch's
+    ops (with fuse_projections off too, the patched model computes what diffusers' does)."""
+
+    keep_layout: bool = True
+    """Transformer blocks keep channels-last activations: the attention kernel writes the
+    rows to_out reads and proj_in/proj_out run as GEMMs on the pixel rows. False brings back
+    diffusers' transposing copies."""
+
+    fuse_projections: bool = True
+    """Self-attention's q, k, v (and cross-attention's k, v) as one GEMM."""
+
+    loop_constants: bool = True
+    """Inside a captured loop, the time embedding of every step, each ResNet block's bias
+    plus time projection, and the cross-attention keys and values run once per loop
+    (sd_backend.fast.step_constants), not at every step."""
+
+    split_head_dim: bool = True
+    """Attention head_dim 80 and 160 as two exact power-of-two column blocks (64 + 16,
+    128 + 32) instead of one padded block (128, 256)."""
+
+    optimize_vae: bool = True
+    """The VAE decoder gets the kernels and channels-last too."""
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.kernels if op not in KERNEL_OPS + ("inductor",)]
+        if unknown:
+            raise ValueError(f"fast_path.kernels: {unknown} not known; allowed: {', '.join(KERNEL_OPS)}, inductor")
+        if self.kernel_dispatch not in DISPATCH_MODES:
+            raise ValueError(
+                f"fast_path.kernel_dispatch: {self.kernel_dispatch!r} is not one of {', '.join(DISPATCH_MODES)}"
+            )
 
 
 @dataclasses.dataclass
@@ -66,18 +120,22 @@ class DeploymentConfig:
     max_guidance: float = 50.0
     """Largest guidance scale a request may ask for."""
 
+    max_prompt_bytes: int = 8192
+    """Longest PROMPT or NEGATIVE_PROMPT a request may send, in UTF-8 bytes. CLIP reads
+    77 tokens (a few hundred characters); a longer prompt is truncated and the tokens
+    dropped reported. Checked before any work, and it sizes the server's message limits."""
+
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
-    """Batch sizes the UNet loop is prepared for (CUDA-graph capture sizes on the GPU)."""
+    """Batch sizes the UNet loop is prepared for (CUDA-graph capture sizes on the GPU);
+    the largest is every model's max_batch_size, and the unet's preferred_batch_size."""
 
     opt_level: str = "eager"
     """`eager` (diffusers modules as they are), `compile` (torch.compile), `triton`
     (this project's kernels and whole-loop CUDA graphs), `deepspeed` (DeepSpeed-Inference
     kernel injection in the same whole-loop graphs; float16)."""
 
-    kernels: str = "attention,group_norm,layer_norm,geglu"
-    """On the `triton` level: which ops to patch with this project's kernels (comma list,
-    empty for none); each kernel still runs only at shapes where it beat the torch op.
-    `inductor` compiles the UNet with torch.compile (default mode) inside the graphs."""
+    fast_path: FastPathOptions = dataclasses.field(default_factory=FastPathOptions)
+    """The `triton` level's options (the `[fast_path]` table of deployment.toml)."""
 
     def __post_init__(self) -> None:
         self.default_scheduler = self.default_scheduler.lower()
@@ -91,41 +149,103 @@ class DeploymentConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, float32, float16, bfloat16")
         if not 8 <= self.min_size <= self.max_size:
             raise ValueError(f"min_size/max_size: {self.min_size}/{self.max_size} must satisfy 8 <= min <= max")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes: {self.max_prompt_bytes} must be at least 1")
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
             raise ValueError(f"batch_buckets: {self.batch_buckets!r} must be positive batch sizes")
         self.batch_buckets = tuple(sorted(set(self.batch_buckets)))
 
     @classmethod
-    def from_parameters(
-        cls, parameters: Mapping[str, str], environ: Mapping[str, str] | None = None
-    ) -> "DeploymentConfig":
-        """Build from `config.pbtxt` parameters (plain strings), then `SD_*` environment overrides."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = environ.get(f"SD_{field.name.upper()}", parameters.get(field.name))
-            if raw is None or raw == "":
-                continue
-            values[field.name] = _parse(field, raw)
+    def load(cls, repository: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "DeploymentConfig":
+        """The deployment of a model repository: its deployment.toml (when there is one),
+        then `SD_*` environment variables, which win."""
+        settings: dict[str, Any] = {}
+        if repository is not None:
+            path = Path(repository) / DEPLOYMENT_FILE
+            if path.is_file():
+                settings = read_deployment_file(path)
+        return cls.from_settings(settings, os.environ if environ is None else environ)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "DeploymentConfig":
+        """From a mapping shaped like deployment.toml (values typed or strings), then `SD_*` overrides."""
+        environ = {} if environ is None else environ
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{DEPLOYMENT_FILE}: unknown settings {unknown}; known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        values = _values(cls, settings, environ, "SD_")
+        fast = settings.get("fast_path", {})
+        if not isinstance(fast, Mapping):
+            raise ValueError(f"fast_path: {fast!r} is not a table of options")
+        unknown = sorted(set(fast) - {f.name for f in dataclasses.fields(FastPathOptions)})
+        if unknown:
+            raise ValueError(f"fast_path: unknown options {unknown}; known: {', '.join(f.name for f in dataclasses.fields(FastPathOptions))}")
+        values["fast_path"] = FastPathOptions(**_values(FastPathOptions, fast, environ, "SD_FAST_PATH_"))
         return cls(**values)
 
     @classmethod
     def from_triton_args(cls, args: Mapping[str, str]) -> "DeploymentConfig":
-        """Build from the `args` Triton hands a Python-backend model's `initialize`."""
+        """The deployment of the model Triton hands a Python-backend `initialize`: the
+        deployment.toml of its repository. A deployment setting in the model's own
+        config.pbtxt parameters is an error: it would hold for that model alone."""
         model_config = json.loads(args["model_config"])
-        parameters = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-        return cls.from_parameters(parameters)
+        named = sorted(set(model_config.get("parameters", {})) & {f.name for f in dataclasses.fields(cls)})
+        if named:
+            raise ValueError(
+                f"{model_config.get('name')}/config.pbtxt sets {named} as parameters; deployment settings belong "
+                f"in {DEPLOYMENT_FILE} at the repository's root, which every model reads"
+            )
+        return cls.load(Path(args["model_repository"]).parent)
 
 
-def _parse(field: dataclasses.Field, raw: str) -> Any:
+def read_deployment_file(path: Path) -> dict[str, Any]:
+    """deployment.toml as a dict; ValueError naming the file for a syntax error."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (NVIDIA's 24.10 container)
+        import tomli as tomllib
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _values(cls, settings: Mapping[str, Any], environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name == "fast_path":
+            continue
+        raw = environ.get(f"{prefix}{field.name.upper()}", settings.get(field.name))
+        if raw is None or raw == "":
+            continue
+        values[field.name] = _parse(field, raw)
+    return values
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse(field: dataclasses.Field, raw: Any) -> Any:
+    """A setting as its field's type, from TOML's typed value or an environment string."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
     try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in _TRUE + _FALSE:
+                return str(raw).lower() in _TRUE
+            raise ValueError
+        if isinstance(raw, bool):
+            raise ValueError
         if kind == "int":
             return int(raw)
         if kind == "float":
             return float(raw)
         if kind.startswith("tuple"):
-            return tuple(int(x) for x in str(raw).replace(" ", "").split(",") if x)
-    except ValueError:
+            if isinstance(raw, str) and raw.strip().lower() == "none":  # an empty list from the environment
+                return ()
+            items = raw if isinstance(raw, (list, tuple)) else [x for x in str(raw).replace(" ", "").split(",") if x]
+            return tuple(int(x) for x in items) if "int" in kind else tuple(str(x) for x in items)
+    except (TypeError, ValueError):
         raise ValueError(f"{field.name}: {raw!r} is not a valid {kind}") from None
     return str(raw)

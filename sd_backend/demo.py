@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import sys
 from pathlib import Path
 
 from .launcher import ServerOptions, TritonServer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or f"out/{slug}.png")
     output.parent.mkdir(parents=True, exist_ok=True)
     log = output.parent / "tritonserver.log"
-    options = ServerOptions(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), env={"SD_MODEL": args.model}
-    )
+    options = ServerOptions.on_free_ports(env={"SD_MODEL": args.model})
     print(f"demo: starting tritonserver with the {args.model!r} model (log: {log})", flush=True)
     with TritonServer(options, log_path=log) as server:
         client = SDClient(server.grpc_url)

@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -60,6 +61,18 @@ class ServerOptions:
     # the header `sd-admin-key: <admin_key>` (random per start unless set); None opens them.
     admin_key: str | None = field(default_factory=lambda: os.environ.get("SD_TRITON_ADMIN_KEY") or secrets.token_urlsafe(18))
     extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, **fields) -> "ServerOptions":
+        """Options whose HTTP, gRPC and metrics ports are free loopback ports (tests, demos, benchmarks)."""
+        return cls(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **fields)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -185,7 +198,18 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
 
+    def deployment(self):
+        """The DeploymentConfig the served models will read (their repository's
+        deployment.toml, then the SD_* variables of this environment and of `options.env`)."""
+        from .config import DeploymentConfig
+
+        return DeploymentConfig.load(self.options.model_repository, environ={**os.environ, **self.options.env})
+
     def start(self) -> "TritonServer":
+        """Check the repository against its deployment (ValueError naming what disagrees), then start."""
+        from .repository import check_repository
+
+        check_repository(self.options.model_repository, self.deployment())
         binary, tree = find_tritonserver()
         backend_dir = prepare_backend_dir(tree, self._workdir / "backends") if tree is not None else None
         command = server_command(self.options, binary, backend_dir, self.shm_prefix)

@@ -13,10 +13,11 @@ import logging
 from collections import defaultdict
 from typing import Any, Sequence
 
-from .config import DeploymentConfig
-from .params import GenerationParams, check_params
-from .schedulers import make_scheduler, step_kwargs
 from . import loading
+from .config import DeploymentConfig
+from .denoise import denoise, prepare_latents
+from .params import GenerationParams, check_params
+from .schedulers import make_scheduler
 
 log = logging.getLogger("sd_backend")
 
@@ -82,50 +83,6 @@ class TextEncoderStage:
         return results
 
 
-def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: int, device, dtype, init_sigma):
-    """Initial noise, one CPU generator per image, so a seed gives the same noise alone or batched."""
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
-
-    generators = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
-    first = params[0]
-    shape = (len(params), channels, first.height // scale, first.width // scale)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-    return latents * init_sigma, generators
-
-
-def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, constants=None):
-    """The denoising loop of diffusers' pipeline, with a guidance scale per image.
-
-    `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
-    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
-    when given, holds the UNet's timestep for each step (a device tensor made before a
-    CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
-    when given, runs after each of the `count` steps (progress, previews; it raises to stop
-    the loop). `constants`, when given, is the kernels.loop_constants.LoopConstants of this
-    loop (made from `unet_timesteps` and `embeds`): its `step` is set before each UNet call.
-    PNDM runs one more UNet step than asked for, as in diffusers.
-    """
-    import torch
-
-    extra = step_kwargs(scheduler, generators)
-    with torch.inference_mode():
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = torch.cat([latents] * 2) if guidance is not None else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            unet_t = t if unet_timesteps is None else unet_timesteps[i]
-            if constants is not None:
-                constants.step = i
-            noise = unet(model_input, unet_t, encoder_hidden_states=embeds, return_dict=False)[0]
-            if guidance is not None:
-                uncond, cond = noise.chunk(2)
-                noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if callback is not None:
-                callback(i, len(scheduler.timesteps), latents)
-    return latents
-
-
 class UNetStage:
     """Prepare latents and run the whole denoising loop for a dynamic batch.
 
@@ -141,7 +98,8 @@ class UNetStage:
         self.device = device
         self.dtype = dtype
         self.native_size = unet.config.sample_size * vae_scale
-        self.graphs = None  # LoopGraphs on the `triton` optimization level
+        self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
+        self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None, capture: bool = True) -> "UNetStage":
@@ -151,7 +109,7 @@ class UNetStage:
         unet = loading.load_unet(source, device, dtype)
         stage = cls(config, unet, loading.load_scheduler_config(source), loading.vae_scale_factor(source), device, dtype)
         if config.opt_level != "eager":
-            from .optimize import optimize_unet_stage
+            from .fast.levels import optimize_unet_stage
 
             optimize_unet_stage(stage, capture)
         return stage
@@ -207,6 +165,7 @@ class VAEStage:
         self.vae = vae
         self.device = device
         self.dtype = dtype
+        self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched VAE
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
@@ -214,7 +173,7 @@ class VAEStage:
         stage = cls(loading.load_vae(source, device, dtype), device, dtype)
         if str(device).startswith("cuda"):
             if config.opt_level != "eager":
-                from .optimize import optimize_vae_stage
+                from .fast.levels import optimize_vae_stage
 
                 optimize_vae_stage(stage, config)
             stage.warm_up(config)

@@ -147,11 +147,17 @@ def respond(pb, requests: Sequence, parse: Callable, run: Callable, reply: Calla
 
 
 def load_stage(stage_class, args, **options):
-    """A stage built from the model's config.pbtxt parameters (and SD_* overrides), placed
-    on the device Triton gave this model instance; `options` go to its `from_config`."""
-    from .config import DeploymentConfig
+    """A stage built from the deployment of the model's repository (deployment.toml, then SD_*
+    overrides), once the model's config.pbtxt is checked against it, placed on the device
+    Triton gave this model instance; `options` go to its `from_config`."""
+    import json
 
-    return stage_class.from_config(DeploymentConfig.from_triton_args(args), instance_device(args), **options)
+    from .config import DeploymentConfig
+    from .repository import check_model_config
+
+    config = DeploymentConfig.from_triton_args(args)
+    check_model_config(json.loads(args["model_config"]), config)
+    return stage_class.from_config(config, instance_device(args), **options)
 
 
 def instance_device(args) -> str | None:

@@ -9,8 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+import sd_backend  # noqa: F401  (its finder maps sd_kernels and sd_client to a checkout's folders)
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+# Without CUDA the kernel and fast-path tests run the Triton kernels under its interpreter.
+# TRITON_INTERPRET must be set before triton is imported: @triton.jit reads it when a kernel
+# is defined. The served tests never import triton (their models run eagerly on the CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    # Triton's interpreter (3.6) turns 1-element arrays into Python ints the way NumPy 1.25 deprecated
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 @pytest.fixture(scope="session")
@@ -57,18 +71,7 @@ def reference_image(pipe, prompt, *, seed, steps, guidance, scheduler, negative=
 @pytest.fixture(scope="session")
 def server(cache_dir, tiny_dir, tmp_path_factory):
     """A real tritonserver on free loopback ports, serving the tiny model."""
-    from sd_backend.demo import free_port
-    from sd_backend.launcher import ServerOptions, TritonServer
+    from tests.servers import running_server
 
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    options = ServerOptions(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        env={"SD_MODEL": "tiny", "SD_CACHE_DIR": str(cache_dir)},
-    )
-    srv = TritonServer(options, log_path=log).start_ready(300)
-    yield srv
-    srv.stop()
-    if os.environ.get("SD_TEST_SHOW_LOG"):
-        print(log.read_text())
+    with running_server(cache_dir, tmp_path_factory.mktemp("server")) as srv:
+        yield srv

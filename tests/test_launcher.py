@@ -33,7 +33,7 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir,
     import subprocess
     import time
 
-    from sd_backend.demo import free_port
+    from sd_backend.launcher import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     env = dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sd_backend.config import DeploymentConfig
+from sd_backend.config import DeploymentConfig, FastPathOptions
 from sd_backend.params import MAX_SEED, check_params
 
 CONFIG = DeploymentConfig(default_steps=30, default_guidance=7.5, max_size=512)
@@ -64,26 +64,64 @@ def test_scheduler_name_is_case_insensitive_and_bytes_accepted():
     assert check_params(CONFIG, 64, scheduler=b"Euler_A").scheduler == "euler_a"
 
 
-def test_config_from_parameters_with_environment_override():
-    config = DeploymentConfig.from_parameters(
-        {"model": "tiny", "default_steps": "20", "batch_buckets": "8, 1,2"}, {"SD_DEFAULT_STEPS": "25"}
+def test_config_from_settings_with_environment_override():
+    config = DeploymentConfig.from_settings(
+        {"model": "tiny", "default_steps": 20, "batch_buckets": [8, 1, 2], "fast_path": {"keep_layout": False}},
+        {"SD_DEFAULT_STEPS": "25", "SD_FAST_PATH_SPLIT_HEAD_DIM": "0", "SD_FAST_PATH_KERNELS": "layer_norm,geglu"},
     )
     assert config.model == "tiny"
     assert config.default_steps == 25
     assert config.batch_buckets == (1, 2, 8)
+    assert config.fast_path == FastPathOptions(kernels=("layer_norm", "geglu"), keep_layout=False, split_head_dim=False)
+    assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_KERNELS": "none"}).fast_path.kernels == ()
+
+
+def test_config_loads_the_repositorys_deployment_file(tmp_path):
+    (tmp_path / "deployment.toml").write_text('model = "sd15-random"\nbatch_buckets = [1, 4]\n[fast_path]\nloop_constants = false\n')
+    config = DeploymentConfig.load(tmp_path, environ={"SD_OPT_LEVEL": "triton"})
+    assert (config.model, config.batch_buckets, config.opt_level) == ("sd15-random", (1, 4), "triton")
+    assert config.fast_path.loop_constants is False and config.fast_path.keep_layout is True
+    assert DeploymentConfig.load(tmp_path / "nowhere", environ={}) == DeploymentConfig()
 
 
 @pytest.mark.parametrize(
-    "parameters, field",
-    [({"default_steps": "many"}, "default_steps"), ({"opt_level": "fast"}, "opt_level"), ({"dtype": "int8"}, "dtype")],
+    "settings, field",
+    [
+        ({"default_steps": "many"}, "default_steps"),
+        ({"opt_level": "fast"}, "opt_level"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"default_steps": True}, "default_steps"),
+        ({"modle": "tiny"}, "modle"),
+        ({"fast_path": {"keep_layout": "maybe"}}, "keep_layout"),
+        ({"fast_path": {"kernel_dispatch": "sometimes"}}, "kernel_dispatch"),
+        ({"fast_path": {"kernels": ["rope"]}}, "rope"),
+        ({"fast_path": {"keep_layuot": True}}, "keep_layuot"),
+    ],
 )
-def test_bad_config_values_are_named(parameters, field):
+def test_bad_config_values_are_named(settings, field):
     with pytest.raises(ValueError, match=field):
-        DeploymentConfig.from_parameters(parameters, {})
+        DeploymentConfig.from_settings(settings, {})
+
+
+def test_a_broken_deployment_file_is_named(tmp_path):
+    (tmp_path / "deployment.toml").write_text("model = \n")
+    with pytest.raises(ValueError, match="deployment.toml"):
+        DeploymentConfig.load(tmp_path, environ={})
+
+
+def test_a_model_config_setting_a_deployment_field_is_refused(tmp_path):
+    import json
+
+    args = {
+        "model_config": json.dumps({"name": "unet", "parameters": {"opt_level": {"string_value": "triton"}}}),
+        "model_repository": str(tmp_path / "unet"),
+    }
+    with pytest.raises(ValueError, match=r"unet/config.pbtxt sets \['opt_level'\].*deployment.toml"):
+        DeploymentConfig.from_triton_args(args)
 
 
 def test_deepspeed_arch_list_drops_arch_specific_suffixes():
-    from sd_backend.optimize import deepspeed_arch_list
+    from sd_backend.fast.levels import deepspeed_arch_list
 
     assert deepspeed_arch_list("9.0a") == "9.0"
     assert deepspeed_arch_list("8.0;9.0a") == "8.0 9.0"

@@ -39,7 +39,7 @@ def missing(what: str):
 @pytest.fixture(scope="module")
 def ui_url(server, tmp_path_factory):
     """`sd-client ui` in its own process, on a free port, talking to the test server."""
-    from sd_backend.demo import free_port
+    from sd_backend.launcher import free_port
 
     port = free_port()
     log = tmp_path_factory.mktemp("ui") / "ui.log"

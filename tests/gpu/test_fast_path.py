@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from sd_backend.config import SCHEDULER_NAMES, DeploymentConfig  # noqa: E402
+from sd_backend.config import SCHEDULER_NAMES, DeploymentConfig, FastPathOptions  # noqa: E402
 from sd_backend.stages import DenoiseJob, UNetStage  # noqa: E402
 
 STEPS = 10
@@ -18,9 +18,10 @@ def rel_l2(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.fixture(scope="module", params=["", "attention,group_norm,layer_norm,geglu"], ids=["graphs", "kernels"])
+@pytest.fixture(scope="module", params=[(), FastPathOptions().kernels], ids=["graphs", "kernels"])
 def stage(request, tiny_dir):
-    config = DeploymentConfig(model=str(tiny_dir), opt_level="triton", kernels=request.param, batch_buckets=(1, 4))
+    options = FastPathOptions(kernels=request.param)
+    config = DeploymentConfig(model=str(tiny_dir), opt_level="triton", fast_path=options, batch_buckets=(1, 4))
     stage = UNetStage.from_config(config)
     for name in SCHEDULER_NAMES:
         stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=name), (1, 4))
@@ -82,7 +83,7 @@ def test_deepspeed_level_matches_the_eager_loop(cache_dir):
 def test_optimized_vae_matches_diffusers_vae(tiny_dir):
     """The `triton` level's VAE (channels-last, our GroupNorm and attention where dispatched)
     gives diffusers' images of the same latents, to a few uint8 levels."""
-    from kernels.patch import TritonGroupNorm
+    from sd_backend.fast.modules.norms import TritonGroupNorm
     from sd_backend.stages import VAEStage
 
     common = dict(model=str(tiny_dir), batch_buckets=(1, 2))

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.bias_residual import bias_residual, bias_residual_reference  # noqa: E402
+from sd_kernels.bias_residual import bias_residual, bias_residual_reference  # noqa: E402
 from tests.kernels.utils import DEVICE, FLOAT_DTYPES, ON_CUDA, assert_close  # noqa: E402
 
 # (atol, rtol) against fp32 math on the same (rounded) inputs: the output's own rounding

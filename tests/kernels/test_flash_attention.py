@@ -5,7 +5,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels.flash_attention import (  # noqa: E402
+from sd_kernels.flash_attention import (  # noqa: E402
     _attn_fwd_kernel,
     _head_dim_blocks,
     _prune_configs,
@@ -184,40 +184,37 @@ SPLIT_HEAD_DIMS = [8, 24, 40, 64, 72, 80, 96, 160]
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
-@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
 @pytest.mark.parametrize("head_dim", SPLIT_HEAD_DIMS)
-def test_flash_attention_split_head_dim(head_dim, split, dtype, monkeypatch, launched):
-    """Both SD_ATTN_SPLIT_D layouts, over query blocks with a partial last one and a masked key tail."""
-    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
+def test_flash_attention_split_head_dim(head_dim, split, dtype, launched):
+    """Both head_dim layouts, over query blocks with a partial last one and a masked key tail."""
     q, k, v = _inputs(2, 2, head_dim, 40, 37, dtype, seed=6)
-    out = flash_attention(q, k, v)
-    assert launched == [_head_dim_blocks(head_dim, split=split != "0")]
+    out = flash_attention(q, k, v, split_head_dim=split)
+    assert launched == [_head_dim_blocks(head_dim, split=split)]
     atol, rtol = TOLERANCES[dtype]
     assert_close(out, flash_attention_reference(q, k, v), atol, rtol, f"split {split} head_dim {head_dim}")
 
 
-@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
 @pytest.mark.parametrize("head_dim", [80, 96])
-def test_flash_attention_split_out_view(head_dim, split, monkeypatch, launched):
+def test_flash_attention_split_out_view(head_dim, split, launched):
     """out= a transposed view: every column of both blocks lands where the output projection reads it."""
-    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
     dtype = ATTN_DTYPES[0]
     batch, heads, q_len, kv_len = 2, 2, 40, 37
     q, k, v = _inputs(batch, heads, head_dim, q_len, kv_len, dtype, seed=7)
     # NaN wherever the kernel writes nothing
     rows = torch.full((batch, q_len, heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
-    returned = flash_attention(q, k, v, out=rows.transpose(1, 2))
+    returned = flash_attention(q, k, v, out=rows.transpose(1, 2), split_head_dim=split)
     assert returned.data_ptr() == rows.data_ptr()
-    assert launched == [_head_dim_blocks(head_dim, split=split != "0")]
+    assert launched == [_head_dim_blocks(head_dim, split=split)]
     atol, rtol = TOLERANCES[dtype]
     assert_close(rows.transpose(1, 2), flash_attention_reference(q, k, v), atol, rtol, f"out view split {split}")
 
 
-@pytest.mark.parametrize("split", ["1", "0"], ids=["split", "padded"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
 @pytest.mark.parametrize("head_dim", [8, 40, 80])
-def test_flash_attention_reads_no_column_past_head_dim(head_dim, split, monkeypatch):
+def test_flash_attention_reads_no_column_past_head_dim(head_dim, split):
     """q, k, v as head_dim-wide slices of rows whose other columns hold NaN: every padding column is masked."""
-    monkeypatch.setenv("SD_ATTN_SPLIT_D", split)
     dtype = ATTN_DTYPES[0]
     q, k, v = _inputs(1, 2, head_dim, 40, 37, dtype, seed=8)
     wide = []
@@ -227,7 +224,8 @@ def test_flash_attention_reads_no_column_past_head_dim(head_dim, split, monkeypa
         buf[..., :head_dim] = t
         wide.append(buf[..., :head_dim])
     atol, rtol = TOLERANCES[dtype]
-    assert_close(flash_attention(*wide), flash_attention_reference(q, k, v), atol, rtol, "NaN past head_dim")
+    got = flash_attention(*wide, split_head_dim=split)
+    assert_close(got, flash_attention_reference(q, k, v), atol, rtol, "NaN past head_dim")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.geglu import geglu, geglu_reference  # noqa: E402
+from sd_kernels.geglu import geglu, geglu_reference  # noqa: E402
 from tests.kernels.utils import DEVICE, FLOAT_DTYPES, ON_CUDA, assert_close  # noqa: E402
 
 TOLERANCES = {

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
+from sd_kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
 from tests.kernels.utils import DEVICE, FLOAT_DTYPES, ON_CUDA, assert_close  # noqa: E402
 
 TOLERANCES = {

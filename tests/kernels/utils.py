@@ -54,3 +54,18 @@ def assert_close(actual, expected, atol, rtol, name=""):
     if n_inf:
         lines.append(f"  actual has {n_inf} inf where expected is finite")
     raise AssertionError("\n".join(lines))
+
+
+def rounding_bound(dtype, terms):
+    """gamma_n = n u / (1 - n u), u the unit roundoff of dtype: the worst-case relative error
+    of a sum of n products in that precision (Higham, Accuracy and Stability, section 3.1),
+    whatever order the summation takes. Two correct evaluations in different orders (another
+    GEMM shape, another BLAS kernel) differ by at most twice that."""
+    u = torch.finfo(dtype).eps / 2
+    return terms * u / (1 - terms * u)
+
+
+def rel_l2(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((a - e).norm() / e.norm())

@@ -1,0 +1,54 @@
+"""The denoising loop of diffusers' pipeline and its initial noise, shared by the UNet
+stage and the fast path's captured loops."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .params import GenerationParams
+from .schedulers import step_kwargs
+
+
+def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: int, device, dtype, init_sigma):
+    """Initial noise, one CPU generator per image, so a seed gives the same noise alone or batched."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator("cpu").manual_seed(p.seed) for p in params]
+    first = params[0]
+    shape = (len(params), channels, first.height // scale, first.width // scale)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    return latents * init_sigma, generators
+
+
+def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None):
+    """The denoising loop of diffusers' pipeline, with a guidance scale per image.
+
+    `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
+    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
+    when given, holds the UNet's timestep for each step (a device tensor made before a
+    CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
+    when given, runs after each of the `count` steps (progress, previews; it raises to stop
+    the loop). `step_constants`, when given, is the sd_backend.fast StepConstants made from
+    this loop's `unet_timesteps` and `embeds`: it makes the UNet calls.
+    PNDM runs one more UNet step than asked for, as in diffusers.
+    """
+    import torch
+
+    extra = step_kwargs(scheduler, generators)
+    with torch.inference_mode():
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if guidance is not None else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if step_constants is not None:
+                noise = step_constants.unet_step(i, model_input)
+            else:
+                unet_t = t if unet_timesteps is None else unet_timesteps[i]
+                noise = unet(model_input, unet_t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if guidance is not None:
+                uncond, cond = noise.chunk(2)
+                noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i, len(scheduler.timesteps), latents)
+    return latents

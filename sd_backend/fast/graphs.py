@@ -1,0 +1,172 @@
+"""The whole denoising loop as one CUDA graph per (bucket, steps, size, scheduler, guidance).
+
+The scheduler runs on CPU timesteps, so its per-step coefficients are CPU scalars that the
+capture bakes into the kernels' arguments (they are fixed for a graph key: that is the
+precomputed coefficient table); the UNet gets its timesteps from a device tensor made
+before capture. Initial latents, embeddings, guidance scales and (for Euler ancestral)
+every step's noise are static device buffers, filled before each replay; the noise is drawn
+on the CPU from the request's own generator in the order diffusers draws it, so a seed gives
+the same image on the graph path as on the eager one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from typing import Sequence
+
+from ..denoise import denoise
+from ..params import GenerationParams
+from ..schedulers import make_scheduler
+
+log = logging.getLogger("sd_backend")
+
+# Schedulers whose step() draws noise it actually uses (eta 0 for DDIM, s_churn 0 for Euler).
+_NOISY = {"euler_a"}
+
+
+@contextlib.contextmanager
+def _noise_from(scheduler, buffers: list):
+    """Make the scheduler's `randn_tensor` hand out the prepared noise buffers in order."""
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    queue = iter(buffers)
+
+    def prepared(shape, generator=None, device=None, dtype=None, layout=None):
+        buffer = next(queue)
+        if tuple(buffer.shape) != tuple(shape):
+            raise RuntimeError(f"noise buffer {tuple(buffer.shape)} != requested {tuple(shape)}")
+        return buffer
+
+    if original is not None:
+        module.randn_tensor = prepared
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.randn_tensor = original
+
+
+class CapturedLoop:
+    """The denoising loop of one graph key as a CUDA graph with static buffers.
+
+    stage: the UNetStage (its unet, scheduler_config, vae_scale, device, dtype).
+    hoist: make the loop's step-invariant work once per replay (sd_backend.fast.step_constants).
+    """
+
+    def __init__(self, stage, bucket: int, params: GenerationParams, pool, hoist: bool):
+        import torch
+
+        self.stage = stage
+        self.bucket = bucket
+        self.scheduler_name = params.scheduler
+        self.steps = params.steps
+        self.hoist = hoist
+        unet = stage.unet
+        latent_shape = (bucket, unet.config.in_channels, params.height // stage.vae_scale, params.width // stage.vae_scale)
+        device, dtype = stage.device, stage.dtype
+        self.cfg = params.uses_guidance
+        hidden = unet.config.cross_attention_dim
+        # static inputs, filled before each replay
+        self.latents = torch.randn(latent_shape, device=device, dtype=dtype)
+        self.embeds = torch.randn(((2 if self.cfg else 1) * bucket, 77, hidden), device=device, dtype=dtype)
+        self.guidance = torch.full((bucket, 1, 1, 1), 7.5, device=device) if self.cfg else None
+        self.noise = torch.randn((params.steps,) + latent_shape, device=device, dtype=dtype)
+        if self.scheduler_name not in _NOISY:
+            self.noise = self.noise[:1].expand((params.steps,) + latent_shape)  # drawn but unused
+        probe = make_scheduler(self.scheduler_name, stage.scheduler_config)
+        probe.set_timesteps(self.steps, device="cpu")
+        self.unet_timesteps = probe.timesteps.to(device)  # (steps,) on the GPU for the UNet
+
+        # warm up (autotuning, cuDNN algorithm search, lazy inits) on a side stream, then capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._loop()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = self._loop()
+
+    def _loop(self):
+        from .step_constants import StepConstants
+
+        scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
+        scheduler.set_timesteps(self.steps, device="cpu")  # CPU: coefficients become constants
+        constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds) if self.hoist else None
+        with _noise_from(scheduler, list(self.noise.unbind(0))):
+            return denoise(
+                self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
+                step_constants=constants,
+            )
+
+    def run(self, latents, embeds, guidance, generators: Sequence):
+        """Replay for n <= bucket images; returns (n, 4, h, w)."""
+        n = latents.shape[0]
+        self.latents[:n].copy_(latents)
+        if n < self.bucket:  # pad the bucket with copies of the first image (their output is dropped)
+            self.latents[n:].copy_(latents[:1].expand(self.bucket - n, -1, -1, -1))
+        if self.cfg:
+            negatives, prompts = embeds.chunk(2)
+            for half, source in ((0, negatives), (1, prompts)):
+                rows = self.embeds[half * self.bucket : (half + 1) * self.bucket]
+                rows[:n].copy_(source)
+                rows[n:].copy_(source[:1].expand(self.bucket - n, -1, -1))
+            self.guidance[:n].copy_(guidance)
+            self.guidance[n:].fill_(1.0)
+        else:
+            self.embeds[:n].copy_(embeds)
+            self.embeds[n:].copy_(embeds[:1].expand(self.bucket - n, -1, -1))
+        if self.scheduler_name in _NOISY:
+            self.noise[:, :n].copy_(self._draw_noise(generators, n))
+        self.graph.replay()
+        return self.output[:n].clone()
+
+    def _draw_noise(self, generators: Sequence, n: int):
+        """Every step's noise, from each image's generator in diffusers' order."""
+        import torch
+
+        shape = (1,) + tuple(self.latents.shape[1:])
+        per_step = [
+            torch.cat([torch.randn(shape, generator=g, dtype=self.latents.dtype) for g in generators[:n]])
+            for _ in range(self.steps)
+        ]
+        return torch.stack(per_step).to(self.latents.device, non_blocking=True)
+
+
+class LoopGraphs:
+    """Captured loops of a UNetStage, sharing one memory pool; eager for keys not captured."""
+
+    def __init__(self, stage, hoist: bool):
+        import torch
+
+        self.stage = stage
+        self.hoist = hoist
+        self.pool = torch.cuda.graph_pool_handle()
+        self.loops: dict[tuple, CapturedLoop] = {}
+
+    def capture(self, params: GenerationParams, buckets: Sequence[int]) -> float:
+        """Capture the loop of `params`' key for each bucket; returns seconds spent."""
+        start = time.perf_counter()
+        for bucket in sorted(buckets):
+            key = (bucket,) + params.group_key()
+            if key not in self.loops:
+                self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist)
+        return time.perf_counter() - start
+
+    def capture_defaults(self) -> None:
+        """The deployment's default request at every configured batch bucket."""
+        config = self.stage.config
+        seconds = self.capture(self.stage.check(seed=0), config.batch_buckets)
+        log.info("captured %d denoising-loop graphs in %.1f s", len(self.loops), seconds)
+
+    def find(self, params: GenerationParams, n: int) -> CapturedLoop | None:
+        """The smallest captured bucket that holds n images of this key."""
+        best = None
+        for (bucket, *key), loop in self.loops.items():
+            if tuple(key) == params.group_key() and bucket >= n and (best is None or bucket < best.bucket):
+                best = loop
+        return best

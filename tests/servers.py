@@ -1,0 +1,80 @@
+"""A real tritonserver on free loopback ports serving the tiny model, and what the served tests
+read off it: clients, error statuses, metrics, shared memory, processes left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def running_server(cache_dir: Path, log_dir: Path, env: dict | None = None, **options):
+    """Start a server (options: sd_backend.launcher.ServerOptions fields), yield it ready, stop it.
+    SD_TEST_SHOW_LOG=1 prints its log afterwards."""
+    from sd_backend.launcher import ServerOptions, TritonServer
+
+    log = Path(log_dir) / "tritonserver.log"
+    env = {"SD_MODEL": "tiny", "SD_CACHE_DIR": str(cache_dir), **(env or {})}
+    server = TritonServer(ServerOptions.on_free_ports(env=env, **options), log_path=log).start_ready(300)
+    try:
+        yield server
+    finally:
+        server.stop()
+        if os.environ.get("SD_TEST_SHOW_LOG"):
+            print(log.read_text())
+
+
+def client(url: str, protocol: str = "grpc", timeout_s: float = 120):
+    from sd_client import SDClient
+
+    return SDClient(url, protocol, timeout_s=timeout_s)
+
+
+def status_of(err) -> str:
+    """The error's status as tritonclient reports it: 'StatusCode.X' (gRPC) or '400' (HTTP)."""
+    return str(err.status())
+
+
+def is_invalid_arg(err) -> bool:
+    return status_of(err) in ("StatusCode.INVALID_ARGUMENT", "400")
+
+
+def is_unavailable(err) -> bool:
+    return status_of(err) in ("StatusCode.UNAVAILABLE", "503")
+
+
+def http_status(url: str) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError as err:  # refused: the server is gone
+        return type(err).__name__
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(rf"^{name}(?:\{{\}})? (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def shm_mb(server) -> float:
+    """/dev/shm pages in use by this server's Python-backend regions."""
+    return sum(p.stat().st_blocks * 512 for p in Path("/dev/shm").glob(f"{server.shm_prefix}*")) / 2**20
+
+
+def leftovers(server) -> tuple[list[int], list[str]]:
+    """Stub processes and shared-memory regions of a stopped server (both should be none)."""
+    stubs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if server.shm_prefix.encode() in (entry / "cmdline").read_bytes():
+                    stubs.append(int(entry.name))
+    return stubs, [p.name for p in Path("/dev/shm").glob(f"{server.shm_prefix}*")]

@@ -1,0 +1,118 @@
+"""Graceful shutdown of `sd-triton serve` against a real tritonserver (tiny model, CPU),
+as Triton's L0_lifecycle would check it: requests in flight finish, new ones are refused,
+the process exits cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import client, http_status
+from tests.utils import assert_same_image
+
+
+class Serve:
+    """`sd-triton serve` as a deployment runs it (the container's PID 1), output collected."""
+
+    def __init__(self, cache_dir, exit_timeout_s: int):
+        from sd_backend.launcher import free_port
+
+        self.http, self.grpc, metrics = (free_port() for _ in range(3))
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sd_backend.cli", "serve", "--http-port", str(self.http), "--grpc-port",
+             str(self.grpc), "--metrics-port", str(metrics), "--exit-timeout", str(exit_timeout_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1"),
+        )
+        # keep reading: tritonserver logs to the same pipe and must never block on it
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("  try:"):
+                self.ready.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_lets_requests_in_flight_finish_refuses_new_ones_and_exits(cache_dir, tiny_dir, signum):
+    exit_timeout_s = 20
+    serve = Serve(cache_dir, exit_timeout_s)
+    try:
+        assert serve.ready.wait(300), serve.output()[-3000:]
+        grpc_url, http_url = f"127.0.0.1:{serve.grpc}", f"127.0.0.1:{serve.http}"
+        params = dict(steps=60, height=128, width=128, scheduler="euler")
+        seeds = [11, 12, 13, 14]
+        alone = {}
+        with contextlib.closing(client(grpc_url)) as c:
+            for seed in seeds:
+                alone[seed] = c.generate("shutdown", seed=seed, **params).image
+
+        results: dict[int, object] = {}
+        finished: dict[int, float] = {}
+
+        def in_flight(seed: int, protocol: str) -> None:
+            # a client of its own, closed at once: Triton's HTTP server waits for open connections
+            with contextlib.closing(client(grpc_url if protocol == "grpc" else http_url, protocol)) as c:
+                try:
+                    results[seed] = c.generate("shutdown", seed=seed, **params)
+                except Exception as err:  # noqa: BLE001 - reported below
+                    results[seed] = err
+                finished[seed] = time.monotonic()
+
+        threads = [threading.Thread(target=in_flight, args=(s, "grpc" if i % 2 else "http")) for i, s in enumerate(seeds)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.7)  # past the text encoder: the four are in the UNet's loop
+        signalled = time.monotonic()
+        serve.proc.send_signal(signum)
+        time.sleep(0.5)
+
+        late_errors = []
+        for protocol, url in (("grpc", grpc_url), ("http", http_url)):
+            began = time.monotonic()
+            with contextlib.closing(client(url, protocol, timeout_s=10)) as c:
+                with pytest.raises(Exception) as refused:
+                    c.generate("too late", seed=99, steps=2)
+            late_errors.append((protocol, str(refused.value)[:120], round(time.monotonic() - began, 2)))
+        readiness = http_status(f"http://{http_url}/v2/health/ready")
+
+        for thread in threads:
+            thread.join(60)
+        code = serve.proc.wait(exit_timeout_s + 30)
+        exited_s = time.monotonic() - signalled
+        print(f"\n{signum.name}: in flight {len(seeds)} -> "
+              f"{sum(not isinstance(r, Exception) for r in results.values())} succeeded; "
+              f"new requests refused {late_errors}; ready after the signal: {readiness}; "
+              f"exit code {code} {exited_s:.1f} s after the signal (exit timeout {exit_timeout_s} s)")
+        assert max(finished.values()) > signalled + 0.5, "nothing was in flight when the signal came"
+        for seed in seeds:
+            result = results.get(seed)
+            assert not isinstance(result, Exception) and result is not None, f"seed {seed}: {result}"
+            assert result.seed == seed
+            assert_same_image(result.image, alone[seed])
+        assert all(seconds < 5 for _, _, seconds in late_errors), late_errors
+        assert readiness != 200
+        if os.environ.get("SD_TEST_SHOW_LOG"):
+            print(serve.output())
+        assert code == 0, serve.output()[-3000:]
+        assert exited_s < exit_timeout_s, serve.output()[-3000:]
+        assert "shutting down" in serve.output()
+        assert not list(Path("/dev/shm").glob(f"sdt{serve.proc.pid}_*")), "shared memory left behind"
+    finally:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait()
