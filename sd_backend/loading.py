@@ -104,3 +104,10 @@ def vae_scale_factor(source: str) -> int:
 
     vae_config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def native_size(source: str) -> int:
+    """The model's own image side in pixels (512 for SD 1.5): the UNet's sample size times the VAE's scale."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.load_config(source, subfolder="unet", **_hub_kwargs())["sample_size"] * vae_scale_factor(source)

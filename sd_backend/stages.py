@@ -41,17 +41,28 @@ class DenoiseJob:
 
 
 class TextEncoderStage:
-    """Tokenize and encode prompts and negative prompts with CLIP."""
+    """Tokenize and encode prompts and negative prompts with CLIP.
 
-    def __init__(self, tokenizer, text_encoder, device):
+    The ensemble's first step, so it also checks the whole request (`check`) before any
+    work: a bad request fails here, not after waiting in the UNet's queue.
+    """
+
+    def __init__(self, config: DeploymentConfig, tokenizer, text_encoder, device, native_size: int):
+        self.config = config
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
+        self.native_size = native_size
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
         source, device, dtype = loading.placement(config, instance_device)
-        return cls(loading.load_tokenizer(source), loading.load_text_encoder(source, device, dtype), device)
+        text_encoder = loading.load_text_encoder(source, device, dtype)
+        return cls(config, loading.load_tokenizer(source), text_encoder, device, loading.native_size(source))
+
+    def check(self, **raw) -> GenerationParams:
+        """The request's generation parameters as the UNet stage will check them (raises ValueError)."""
+        return check_params(self.config, self.native_size, **raw)
 
     def count_dropped_tokens(self, prompt: str) -> int:
         """Tokens past the 77-token limit that truncation removes (diffusers warns of the same)."""

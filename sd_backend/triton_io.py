@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 
-def read_text(pb, request, name: str, required: bool = False) -> str | None:
-    """A BYTES input of one element as text; ValueError for absent-but-required or bad UTF-8."""
+def read_text(pb, request, name: str, required: bool = False, max_bytes: int | None = None) -> str | None:
+    """A BYTES input of one element as text; ValueError when absent but required, longer
+    than `max_bytes` (checked before decoding), or not UTF-8."""
     tensor = pb.get_input_tensor_by_name(request, name)
     if tensor is None:
         if required:
@@ -20,12 +21,24 @@ def read_text(pb, request, name: str, required: bool = False) -> str | None:
     if values.size != 1:
         raise ValueError(f"{name}: {values.size} elements given; exactly one string is allowed")
     raw = values[0]
+    size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{name}: {size} bytes; allowed at most {max_bytes} bytes (the deployment's max_prompt_bytes)")
     if isinstance(raw, str):
         return raw
     try:
         return bytes(raw).decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start}); send UTF-8 text") from None
+
+
+def read_prompts(pb, request, max_bytes: int) -> tuple[str, str]:
+    """(PROMPT, NEGATIVE_PROMPT or ""): PROMPT is required, both at most `max_bytes` long.
+    Triton declares PROMPT optional: an ensemble input it calls required but a request leaves
+    out deadlocks the ensemble instead of failing it (2.51), so the check is here."""
+    prompt = read_text(pb, request, "PROMPT", required=True, max_bytes=max_bytes)
+    negative = read_text(pb, request, "NEGATIVE_PROMPT", max_bytes=max_bytes) or ""
+    return prompt, negative
 
 
 def read_scalar(pb, request, name: str) -> Any:

@@ -78,3 +78,10 @@ def leftovers(server) -> tuple[list[int], list[str]]:
                 if server.shm_prefix.encode() in (entry / "cmdline").read_bytes():
                     stubs.append(int(entry.name))
     return stubs, [p.name for p in Path("/dev/shm").glob(f"{server.shm_prefix}*")]
+
+
+def stub_rss_mib(server, model: str) -> float:
+    """Resident memory of one model's Python-backend stub, MiB."""
+    pid = next(pid for pid, name in server.stub_processes().items() if name == model)
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024

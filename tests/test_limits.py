@@ -24,6 +24,7 @@ from tests.servers import (
     is_unavailable,
     metric,
     running_server,
+    stub_rss_mib,
 )
 from tests.utils import assert_same_image
 
@@ -200,3 +201,33 @@ def test_unloading_one_model_leaves_the_others_serving_and_counting(shared):
         finally:
             control("load")
         assert http_status(f"http://{shared.http_url}/v2/health/ready") == 200
+
+
+@pytest.mark.parametrize("protocol,size", [("grpc", 1 << 20), ("grpc", 3 << 20), ("http-json", 50 << 20)])
+def test_an_oversized_prompt_is_refused_before_any_work_and_the_next_request_runs(shared, protocol, size):
+    """Found from outside: a 3 MB gRPC prompt took 5.5 s in the tokenizer, a 50 MB JSON one stalled
+    the service and grew the text encoder's stub to 9 GB. Now the size is checked first."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    module = tg if protocol == "grpc" else th
+    url = shared.grpc_url if protocol == "grpc" else shared.http_url
+    before = stub_rss_mib(shared, "text_encoder")
+    big = module.InferInput("PROMPT", [1, 1], "BYTES")
+    if protocol == "grpc":
+        big.set_data_from_numpy(np.array([[b"a" * size]], dtype=object))
+        raw = tg.InferenceServerClient(url)
+    else:  # a JSON body, as curl or a hand-written client sends it
+        big.set_data_from_numpy(np.array([[b"a" * size]], dtype=object), binary_data=False)
+        raw = th.InferenceServerClient(url, network_timeout=120, connection_timeout=120)
+    with pytest.raises(InferenceServerException) as info:
+        raw.infer("stable_diffusion", [big])
+    raw.close()
+    assert is_invalid_arg(info.value), info.value
+    assert f"PROMPT: {size} bytes; allowed at most 8192 bytes" in info.value.message(), info.value.message()
+    # the next request is served as if nothing happened, and the stub did not tokenize megabytes
+    with contextlib.closing(client(shared.grpc_url)) as c:
+        assert c.generate("after the big one", seed=1, steps=2).image.shape == (64, 64, 3)
+    grown = stub_rss_mib(shared, "text_encoder") - before
+    assert grown < 4 * size / 2**20 + 64, f"text encoder stub grew {grown:.0f} MiB for a {size >> 20} MiB prompt"

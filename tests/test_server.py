@@ -132,7 +132,12 @@ BAD_REQUESTS = [
     ("steps-wrong-dtype", [("STEPS", 10.0, "FP32")], ["STEPS", "FP32", "INT32"]),
     ("prompt-not-utf8", [("PROMPT", b"\xff\xfe bad", "BYTES")], ["PROMPT", "UTF-8"]),
     ("negative-prompt-not-utf8", [("NEGATIVE_PROMPT", b"\xc3", "BYTES")], ["NEGATIVE_PROMPT", "UTF-8"]),
-    ("prompt-missing", [("PROMPT", None, None)], ["PROMPT"]),
+    ("prompt-missing", [("PROMPT", None, None), ("SEED", 3, "INT64"), ("STEPS", 4, "INT32")], ["PROMPT", "missing", "required"]),
+    ("negative-prompt-only", [("PROMPT", None, None), ("NEGATIVE_PROMPT", b"blurry", "BYTES")], ["PROMPT", "required"]),
+    # Triton's own check; 2.51 declares PROMPT optional to the ensemble (model_repository/stable_diffusion)
+    ("no-inputs-at-all", [("PROMPT", None, None)], ["0 inputs"]),
+    ("prompt-too-long", [("PROMPT", b"x" * 9000, "BYTES")], ["PROMPT", "9000 bytes", "at most 8192", "max_prompt_bytes"]),
+    ("negative-prompt-too-long", [("NEGATIVE_PROMPT", "é".encode() * 4097, "BYTES")], ["NEGATIVE_PROMPT", "8194 bytes", "8192"]),
 ]
 
 

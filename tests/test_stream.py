@@ -102,6 +102,29 @@ def test_bad_input_gets_a_clear_error_on_the_stream(client, parameters, words):
     assert client.stream("fine", seed=1, steps=2).image.shape == (64, 64, 3)  # and the model goes on
 
 
+def test_prompt_missing_or_too_long_is_named_on_the_stream(server, client):
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as caught:
+        client.stream("x" * 9000, steps=2)
+    assert "PROMPT: 9000 bytes; allowed at most 8192" in caught.value.message()
+
+    answers: queue.Queue = queue.Queue()
+    raw = tg.InferenceServerClient(server.grpc_url)
+    raw.start_stream(callback=lambda result, error: answers.put(error))
+    steps = tg.InferInput("STEPS", [1, 1], "INT32")
+    steps.set_data_from_numpy(np.array([[2]], np.int32))
+    raw.async_stream_infer("stable_diffusion_stream", [steps])
+    error = answers.get(timeout=60)
+    raw.stop_stream()
+    raw.close()
+    assert error is not None and "PROMPT: missing; a text string is required" in error.message(), error
+
+
 def test_http_has_no_stream(server):
     from sd_client import SDClient
 

@@ -55,6 +55,7 @@ class TritonPythonModel:
         sender.send(final, flags=_FINAL)
 
     def _generate(self, request, sender):
+        io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)  # PROMPT present, both within limits
         params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
         every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
         if not 0 <= every <= params.steps:

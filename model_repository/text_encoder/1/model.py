@@ -22,9 +22,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def parse(request):
-            prompt = io.read_text(pb_utils, request, "PROMPT", required=True)
-            negative = io.read_text(pb_utils, request, "NEGATIVE_PROMPT") or ""
-            return prompt, negative
+            prompts = io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)
+            self.stage.check(**io.read_generation_inputs(pb_utils, request))  # the whole request, before any work
+            return prompts
 
         def run(items):
             return self.stage([p for p, _ in items], [n for _, n in items])
