@@ -12,8 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
+from . import health
 from .config import OPT_LEVELS
-from .launcher import ADMIN_HEADER, DEFAULT_MODEL_REPOSITORY, ServerOptions, TritonServer
+from .launcher import DEFAULT_MODEL_REPOSITORY, ServerOptions, TritonServer
+from .model_control import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from .offline import OFFLINE_MODELS, write_offline_model
 
 
@@ -29,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        health_port=args.health_port or None,
         env=env,
         log_verbose=args.log_verbose,
         exit_timeout_s=args.exit_timeout,
@@ -57,9 +60,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"sd-triton: ready\n  gRPC     {server.grpc_url}\n  HTTP     http://{server.http_url}\n"
             f"  metrics  {server.metrics_url}\n"
+            + (f"  probes   {server.health_url}/ready, {server.health_url}/live\n" if server.health_url else "")
             + (
                 f"  model-control/shared-memory/trace/logging APIs need the header "
-                f"'{ADMIN_HEADER}: {options.admin_key}' (--open-admin-api opens them)\n"
+                f"'{ADMIN_HEADER}: {options.admin_key}' over HTTP, "
+                f"'{GRPC_ADMIN_HEADER}: {options.admin_key}' over gRPC (--open-admin-api opens them)\n"
                 if options.admin_key
                 else "  model-control/shared-memory/trace/logging APIs are open\n"
             )
@@ -102,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument(
+        "--health-port", type=int, default=health.DEFAULT_PORT,
+        help="the launcher's /ready and /live for probes (0: none; default %(default)s)",
+    )
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.add_argument(
         "--exit-timeout",

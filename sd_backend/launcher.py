@@ -15,9 +15,7 @@ model whose Python-backend stub process died.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -28,14 +26,15 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import processes
+from .health import HealthServer
+from .model_control import ADMIN_HEADER, UNREACHABLE, ModelControl
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
-ADMIN_HEADER = "sd-admin-key"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
@@ -48,6 +47,8 @@ class ServerOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # the launcher's own /ready and /live for probes (sd_backend.health); None: not served
+    health_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # SD_* deployment overrides
     log_verbose: int = 0
     # On stop, requests in flight get this long to finish (Triton's --exit-timeout-secs too);
@@ -65,7 +66,8 @@ class ServerOptions:
     @classmethod
     def on_free_ports(cls, **fields) -> "ServerOptions":
         """Options whose HTTP, gRPC and metrics ports are free loopback ports (tests, demos, benchmarks)."""
-        return cls(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **fields)
+        ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), health_port=free_port())
+        return cls(**{**ports, **fields})
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -156,7 +158,8 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
     return command + options.extra_args
 
 
-STOP_GRACE_S = 15  # after the drain, how long the signalled server may take to exit
+STOP_GRACE_S = 15  # past the deadline, how long the signalled server may take to exit
+IDLE_EXIT_S = 3  # with every model unloaded, how long it may wait for clients' open connections (it exits in ~1 s without)
 STUB_POLL_S = 0.5  # how often the watcher looks for dead Python-backend stubs
 
 
@@ -165,15 +168,13 @@ class TritonServer:
 
     Graceful stop: on SIGINT/SIGTERM Triton 2.51 stops every model's scheduler at once, so
     an ensemble request in flight fails at its next step ("Server is stopping"). `stop()`
-    first unloads the entry models (those no ensemble runs as a step): new requests get
-    NOT_FOUND and the server reports not ready, while requests in flight finish through
-    the composing models, which stay loaded. Then it signals the server.
+    first drains (the entry models, then the rest; see `stop`), then signals the server.
 
     Dead stubs: when a Python-backend stub process dies (OOM killer, segfault, kill -9),
     Triton 2.51 fails that model's requests ("Stub process ... is not healthy") until it is
     reloaded, restarts nothing, and still reports the model ready. A watcher thread sees
-    the stub gone within STUB_POLL_S, unloads the model (the server reports not ready),
-    then loads it again: a new stub. `stub_deaths` lists the models it found dead.
+    the stub gone within STUB_POLL_S and reloads the model in place: a new stub, while the
+    ensembles that run it stay loaded. `stub_deaths` lists the models it found dead.
     """
 
     def __init__(self, options: ServerOptions, log_path: Path | None = None):
@@ -182,6 +183,9 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.shm_prefix = f"sdt{os.getpid()}_{id(self) % 10000}_"  # Python-backend regions in /dev/shm
         self.stub_deaths: list[str] = []
+        self.control = ModelControl(self.http_url, options.admin_key)
+        self.health: HealthServer | None = None
+        self._replacing: set[str] = set()  # models whose dead stub is being replaced
         self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-"))
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -223,20 +227,39 @@ class TritonServer:
         )
         self._watcher = threading.Thread(target=self._watch_stubs, name="sd-triton-stub-watcher", daemon=True)
         self._watcher.start()
+        if self.options.health_port is not None:
+            self.health = HealthServer(self.options.host, self.options.health_port, self.readiness, self.liveness).start()
         return self
 
+    @property
+    def health_url(self) -> str | None:
+        return None if self.health is None else f"http://{self.options.host}:{self.health.port}"
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): every model this deployment serves is ready, no dead stub is being
+        replaced and no stop has begun (sd_backend.health says why Triton's own check is not enough)."""
+        from .repository import SERVED_MODELS
+
+        if self.process is None or self.process.poll() is not None:
+            return False, "tritonserver is not running"
+        if self._stopping.is_set():
+            return False, "stopping: requests in flight are finishing"
+        if self._replacing:
+            return False, f"replacing the dead Python-backend stub of {', '.join(sorted(self._replacing))}"
+        waiting = [model for model in SERVED_MODELS if not self.control.is_model_ready(model)]
+        return (False, f"not ready: {', '.join(waiting)}") if waiting else (True, "ready")
+
+    def liveness(self) -> tuple[bool, str]:
+        """(live, why): tritonserver runs and answers its own liveness check."""
+        if self.process is None or self.process.poll() is not None:
+            return False, "tritonserver is not running"
+        return (True, "live") if self.control.answers_ok("/v2/health/live") else (False, "tritonserver does not answer")
+
     def is_ready(self) -> bool:
-        return self._answers_ok("/v2/health/ready")
+        return self.readiness()[0]
 
     def is_model_ready(self, model: str) -> bool:
-        return self._answers_ok(f"/v2/models/{model}/ready")
-
-    def _answers_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return False
+        return self.control.is_model_ready(model)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -250,43 +273,51 @@ class TritonServer:
 
     def stub_processes(self) -> dict[int, str]:
         """{pid: model name} of the live Python-backend stubs of this server."""
-        stubs: dict[int, str] = {}
         if self.process is None:
-            return stubs
-        for pid, argv in _stubs(parent=self.process.pid).items():
-            if _alive(pid):
-                stubs[pid] = Path(argv[1]).parent.parent.name
-        return stubs
+            return {}
+        found = processes.stubs(parent=self.process.pid).items()
+        return {pid: Path(argv[1]).parent.parent.name for pid, argv in found if processes.alive(pid)}
 
     def rss_mib(self) -> float:
         """Resident memory of tritonserver and its Python-backend stubs, MiB (Linux /proc)."""
-        total_kb = 0
-        for pid in ([self.process.pid] if self.process else []) + list(self.stub_processes()):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:  # gone since it was listed
-                continue
-            total_kb += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
-        return total_kb / 1024
+        return processes.rss_mib(([self.process.pid] if self.process else []) + list(self.stub_processes()))
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """Drain the entry models, SIGINT (Triton's graceful shutdown), SIGKILL past the deadline.
+        """Drain, then stop; returns the exit code (0 for a clean stop).
 
-        Requests in flight get `exit_timeout_s` (or `timeout_s`) to finish; the process is
-        gone at most STOP_GRACE_S later. Stubs left behind and their shared memory go too.
+        Requests in flight get `exit_timeout_s` (or `timeout_s`) to finish:
+        1. the entry models are unloaded: new requests get NOT_FOUND and readiness goes false,
+           while requests in flight finish through the composing models, which stay loaded;
+        2. once those requests are done the composing models are unloaded too, so nothing
+           can be in flight and every stub has finalized;
+        3. SIGINT. Tritonserver 2.51 then waits for every open HTTP connection, idle
+           keep-alive ones included (load balancers, probes, tritonclient keep them), up to
+           its exit timeout, and exits with code 1. With everything unloaded there is nothing
+           left to wait for: past IDLE_EXIT_S it is killed, and the stop is clean.
+        A drain that does not finish by the deadline gets STOP_GRACE_S more, then SIGKILL.
+        Stubs left behind and their shared memory go too.
         """
         self._stopping.set()
         try:
             if self.process is None or self.process.poll() is not None:
                 return None if self.process is None else self.process.returncode
             deadline = time.monotonic() + (self.options.exit_timeout_s if timeout_s is None else timeout_s)
-            self._drain(deadline)
+            drained = self._drain(deadline)
             self.process.send_signal(signal.SIGINT)
             try:
-                return self.process.wait(max(0.0, deadline - time.monotonic()) + STOP_GRACE_S)
+                return self.process.wait(IDLE_EXIT_S if drained else max(0.0, deadline - time.monotonic()) + STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
-                return self.process.wait()
+                code = self.process.wait()
+            if not drained:
+                return code
+            print(
+                "sd-triton: every model was unloaded with nothing in flight; tritonserver was still waiting for "
+                "clients' open connections, so it was stopped",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 0
         finally:
             self._clean_up()
 
@@ -309,52 +340,18 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # --- model control (the admin API) ---------------------------------------------------
-
-    def _admin(self, path: str, timeout_s: float, body: dict | None = None):
-        headers = {"Content-Type": "application/json"}
-        if self.options.admin_key is not None:
-            headers[ADMIN_HEADER] = self.options.admin_key
-        request = urllib.request.Request(
-            f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(), headers=headers, method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-            text = reply.read()
-        return json.loads(text) if text else None
-
-    def _model_states(self, timeout_s: float = 10) -> dict[str, str]:
-        return {m["name"]: m.get("state", "") for m in self._admin("/v2/repository/index", timeout_s)}
-
-    def _entry_models(self, states: dict[str, str], timeout_s: float = 10) -> list[str]:
-        """Loaded models that no ensemble runs as a step: where requests come in."""
-        steps = set()
-        for model, state in states.items():
-            if state == "READY":
-                url = f"http://{self.http_url}/v2/models/{model}/config"
-                with urllib.request.urlopen(url, timeout=timeout_s) as reply:
-                    config = json.loads(reply.read())
-                steps |= {step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])}
-        return [model for model, state in states.items() if state == "READY" and model not in steps]
-
-    def _drain(self, deadline: float) -> None:
-        """Unload the entry models and wait until their requests in flight are done."""
-
-        def left() -> float:  # no call outlives the deadline
-            return max(0.1, min(10.0, deadline - time.monotonic()))
-
+    def _drain(self, deadline: float) -> bool:
+        """Unload the entry models, then the rest, each once its requests are done; True
+        when everything was unloaded by the deadline."""
         try:
-            entry = self._entry_models(self._model_states(left()), left())
-            for model in entry:
-                self._admin(f"/v2/repository/models/{model}/unload", left())
-            # an unloading model keeps serving the requests it holds; it is UNAVAILABLE once they are done
-            while time.monotonic() < deadline:
-                states = self._model_states(left())
-                if all(states.get(model) not in ("READY", "UNLOADING") for model in entry):
-                    return
-                time.sleep(0.2)
-        except (urllib.error.URLError, ConnectionError, OSError, ValueError, KeyError) as err:
+            control = self.control
+            if not control.unload_and_wait(control.entry_models(control.states()), deadline):
+                return False
+            return control.unload_and_wait([m for m, state in control.states().items() if state == "READY"], deadline)
+        except UNREACHABLE + (ValueError, KeyError) as err:
             if not isinstance(getattr(err, "reason", err), ConnectionRefusedError):  # refused: nothing to drain
                 print(f"sd-triton: could not drain before stopping ({err}); stopping anyway", file=sys.stderr, flush=True)
+            return False
 
     # --- dead stubs ----------------------------------------------------------------------
 
@@ -368,7 +365,7 @@ class TritonServer:
                 if pid not in watched and self.is_model_ready(model):
                     watched[pid] = model
             for pid, model in list(watched.items()):
-                if _alive(pid):
+                if processes.alive(pid):
                     continue
                 del watched[pid]
                 # a stub also exits when its model is unloaded on purpose; then the model is not ready
@@ -384,18 +381,26 @@ class TritonServer:
             file=sys.stderr,
             flush=True,
         )
+        self._replacing.add(model)
         try:
-            self._admin(f"/v2/repository/models/{model}/unload", 30)
             if again:
-                # ensembles that run the model as a step are unloaded with it and load again after it
-                self._admin(f"/v2/repository/models/{model}/load", 900)
+                # in place: the new instance replaces the dead one once it is ready, and the
+                # ensembles that run the model as a step stay loaded
+                self.control.reload_in_place(model, 900)
                 print(f"sd-triton: model '{model}' reloaded", file=sys.stderr, flush=True)
-        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            else:
+                self.control.unload(model, 30)  # its ensembles go with it
+        except UNREACHABLE as err:
             print(f"sd-triton: reloading model '{model}' failed: {err}", file=sys.stderr, flush=True)
+        finally:
+            self._replacing.discard(model)
 
     def _clean_up(self) -> None:
         """Kill stubs the server left behind (it crashed, or was killed) and remove their shared memory."""
-        for pid, argv in _stubs().items():
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        for pid, argv in processes.stubs().items():
             if argv[2].startswith(self.shm_prefix):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -404,38 +409,3 @@ class TritonServer:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
         shutil.rmtree(self._workdir, ignore_errors=True)
-
-
-def _processes(parent: int | None = None) -> dict[int, list[str]]:
-    """{pid: argv} of the processes this user can see (from /proc), or of `parent`'s children."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if parent is not None and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        found[int(entry.name)] = [arg.decode(errors="replace") for arg in argv if arg]
-    return found
-
-
-def _stubs(parent: int | None = None) -> dict[int, list[str]]:
-    """{pid: argv} of Python-backend stubs (of `parent` when given); argv is the stub,
-    <repository>/<model>/<version>/model.py, its shared-memory region, ..."""
-    return {
-        pid: argv
-        for pid, argv in _processes(parent).items()
-        if len(argv) > 2 and argv[0].endswith("triton_python_backend_stub")
-    }
-
-
-def _alive(pid: int) -> bool:
-    """Running, not exited: an exited stub stays a zombie until the server reaps it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")

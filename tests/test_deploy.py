@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sd_backend import health
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 
@@ -48,9 +50,11 @@ def test_compose_reserves_gpus_and_keeps_models_and_secrets_outside_the_image():
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "models:/models" in service["volumes"] and "models" in compose["volumes"]
     assert "HF_TOKEN" in service["environment"]
-    assert {p.split(":")[-1] for p in service["ports"]} == {"8000", "8001", "8002"}
+    assert {p.split(":")[-1] for p in service["ports"]} == {"8000", "8001", "8002", str(health.DEFAULT_PORT)}
     assert all(p.startswith("127.0.0.1:") for p in service["ports"])
-    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{health.DEFAULT_PORT}{health.READY_PATH}" in service["healthcheck"]["test"]
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert f"http://127.0.0.1:{health.DEFAULT_PORT}{health.READY_PATH}" in dockerfile
     assert (ROOT / service["build"]["dockerfile"]).exists()
 
 
@@ -73,8 +77,10 @@ def test_kubernetes_manifests_validate_for_gpus_per_pod(tmp_path, gpus):
     assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for probe, path in (("readinessProbe", health.READY_PATH), ("livenessProbe", health.LIVE_PATH), ("startupProbe", health.LIVE_PATH)):
+        assert container[probe]["httpGet"]["path"] == path
+        assert ports[container[probe]["httpGet"]["port"]] == health.DEFAULT_PORT
     metric = kinds["HorizontalPodAutoscaler"]["spec"]["metrics"][0]
     assert metric["type"] == "Pods" and "queue" in metric["pods"]["metric"]["name"]
 

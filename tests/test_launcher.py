@@ -35,11 +35,11 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir,
 
     from sd_backend.launcher import free_port
 
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     env = dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sd_backend.cli", "serve", "--http-port", ports[0], "--grpc-port", ports[1],
-         "--metrics-port", ports[2]],
+         "--metrics-port", ports[2], "--health-port", ports[3]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
@@ -53,6 +53,9 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir,
             break
     output = "".join(lines)
     assert f"gRPC     127.0.0.1:{ports[1]}" in output, output[-3000:]
+    assert f"probes   http://127.0.0.1:{ports[3]}/ready" in output, output[-3000:]
+    # the admin key's header, as HTTP and as gRPC take it
+    assert "'sd-admin-key: " in output and "'triton-grpc-protocol-sd-admin-key: " in output, output[-3000:]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=90) == 0
     with pytest.raises(OSError):  # the port is free again: the server is gone

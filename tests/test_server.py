@@ -224,7 +224,7 @@ def test_admin_apis_need_the_admin_header(server):
     import urllib.error
     import urllib.request
 
-    from sd_backend.launcher import ADMIN_HEADER
+    from sd_backend.model_control import ADMIN_HEADER
 
     url = f"http://{server.http_url}/v2/repository/index"
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -239,6 +239,22 @@ def test_admin_apis_need_the_admin_header(server):
     # inference, health, metadata and statistics stay open
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/unet/stats", timeout=10) as reply:
         assert reply.status == 200
+
+
+def test_admin_apis_over_grpc_need_the_prefixed_header(server):
+    """The key the start banner prints, as gRPC metadata: Triton prefixes the header's name."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    from sd_backend.model_control import GRPC_ADMIN_HEADER
+
+    client = tg.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_repository_index()
+    assert "UNAVAILABLE" in str(info.value.status()) or "PERMISSION" in str(info.value.status()), info.value
+    index = client.get_model_repository_index(headers={GRPC_ADMIN_HEADER: server.options.admin_key}, as_json=True)
+    assert {"stable_diffusion", "unet"} <= {model["name"] for model in index["models"]}
+    client.close()
 
 
 def test_custom_metrics_are_scraped_next_to_tritons(server, grpc):

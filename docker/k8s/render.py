@@ -3,8 +3,8 @@
     python docker/k8s/render.py --gpus 2 --image registry.example/sd-triton:1 > sd-triton.yaml
     python docker/k8s/render.py --kserve > sd-triton-kserve.yaml
 
-Core manifests: a Deployment (`nvidia.com/gpu`, readiness from Triton's strict
-readiness, liveness, a startup probe for the model load and graph capture), a Service,
+Core manifests: a Deployment (`nvidia.com/gpu`, readiness, liveness and a startup probe
+for the model load and graph capture, all from the launcher's /ready and /live), a Service,
 and a HorizontalPodAutoscaler on the average queue time per request, a pods metric that
 prometheus-adapter derives from Triton's `nv_inference_queue_duration_us` and
 `nv_inference_request_success` counters (rule in docker/k8s/README.md). `--kserve` renders a
@@ -21,7 +21,7 @@ import sys
 import yaml
 
 NAME = "sd-triton"
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
 ARGS = ["serve", "--host", "0.0.0.0", "--model-repository", "/opt/sd-triton/model_repository"]
 
 
@@ -39,10 +39,11 @@ def _container(image: str, gpus: int, model: str) -> dict:
             {"name": "SD_TRITON_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": NAME, "key": "admin-key"}}},
         ],
         "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"cpu": str(4 * gpus), "memory": f"{24 * gpus}Gi"}},
-        # strict readiness: ready only when every model (and so every captured graph) is loaded
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 10},
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 20, "failureThreshold": 3},
-        "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
+        # the launcher's probes (sd_backend/health.py): ready when every served model is loaded (and so
+        # every captured graph), no dead stub is being replaced and no drain has begun
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "health"}, "periodSeconds": 10},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": "health"}, "periodSeconds": 20, "failureThreshold": 3},
+        "startupProbe": {"httpGet": {"path": "/live", "port": "health"}, "periodSeconds": 10, "failureThreshold": 90},
         "volumeMounts": [{"name": "models", "mountPath": "/models"}, {"name": "shm", "mountPath": "/dev/shm"}],
     }
 
@@ -83,7 +84,8 @@ def core(image: str, gpus: int, replicas: int, model: str, queue_ms: int) -> lis
         "metadata": {"name": NAME, "labels": labels},
         "spec": {
             "selector": labels,
-            "ports": [{"name": name, "port": port, "targetPort": name} for name, port in PORTS.items()],
+            # the kubelet probes the pod itself: the health port stays off the Service
+            "ports": [{"name": name, "port": port, "targetPort": name} for name, port in PORTS.items() if name != "health"],
         },
     }
     autoscaler = {
