@@ -12,7 +12,7 @@ import numpy as np
 
 MODEL = "stable_diffusion"
 STREAM_MODEL = "stable_diffusion_stream"
-OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED")
+OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED", "PARAMETERS")
 
 
 @dataclasses.dataclass
@@ -26,6 +26,34 @@ class Progress:
 
 class Cancelled(Exception):
     """The request was cancelled (by `stream`'s `on_progress` returning False or a cancel event)."""
+
+
+class ServerUnreachable(ConnectionError):
+    """No Triton server answers at the client's address; the message says what to do."""
+
+    def __init__(self, url: str, protocol: str, reason: str):
+        super().__init__(
+            f"cannot reach Triton at {url} over {'gRPC' if protocol == 'grpc' else 'HTTP'}: {reason} "
+            f"- is `sd-triton serve` running, and is {url} its {'gRPC' if protocol == 'grpc' else 'HTTP'} address?"
+        )
+
+
+# what gRPC says when no server answers (tritonclient.grpc puts it in an UNAVAILABLE error)
+_GRPC_UNREACHABLE = ("failed to connect to all addresses", "Connection refused", "No route to host", "DNS resolution failed")
+
+
+def unreachable(err: BaseException, url: str, protocol: str) -> ServerUnreachable | None:
+    """A ServerUnreachable for an error that means no server answered at `url`, else None."""
+    if isinstance(err, ServerUnreachable):
+        return err
+    if isinstance(err, OSError):  # tritonclient.http: the socket's own error (refused, no route, unknown host)
+        return ServerUnreachable(url, protocol, (err.strerror or str(err)).lower())
+    message = err.message() if callable(getattr(err, "message", None)) else str(err)
+    status = str(err.status()) if callable(getattr(err, "status", None)) else ""
+    if "UNAVAILABLE" in status and any(words in message for words in _GRPC_UNREACHABLE):
+        reason = "connection refused" if "refused" in message.lower() else message.split(";")[-1].strip()
+        return ServerUnreachable(url, protocol, reason)
+    return None
 
 
 @dataclasses.dataclass
@@ -120,15 +148,15 @@ class SDClient:
         inputs = self.build_inputs(prompt, **parameters)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
-        if self.protocol == "grpc":
-            reply = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
-        else:
-            reply = self.client.infer(self.model, inputs, outputs=outputs)
+        try:
+            if self.protocol == "grpc":
+                reply = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            else:
+                reply = self.client.infer(self.model, inputs, outputs=outputs)
+        except Exception as err:
+            raise unreachable(err, self.url, self.protocol) or err
         latency = time.perf_counter() - start
-        seed_used = int(reply.as_numpy("SEED_USED").reshape(-1)[0])
-        dropped = int(reply.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
-        used = {k: v for k, v in parameters.items() if v is not None} | {"seed": seed_used}
-        return GenerationResult(reply.as_numpy("IMAGE")[0], seed_used, latency, dropped, {"prompt": prompt, **used})
+        return _result(reply, prompt, negative_prompt, latency)
 
     def stream(
         self,
@@ -153,7 +181,11 @@ class SDClient:
         start = time.perf_counter()
         client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s)
         try:
-            client.async_stream_infer(STREAM_MODEL, inputs, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(STREAM_MODEL, inputs, enable_empty_final_response=True)
+            except Exception as err:
+                # a stream that broke at once (no server) says why only through the callback
+                raise self._stream_cause(events, err) from None
             final = None
             while True:
                 try:
@@ -165,7 +197,7 @@ class SDClient:
                         raise Cancelled("cancelled by the caller") from None
                     continue
                 if error is not None:
-                    raise error
+                    raise unreachable(error, self.url, self.protocol) or error
                 if result.as_numpy("IMAGE") is not None:
                     final = result
                 elif result.as_numpy("STEP") is not None:
@@ -189,13 +221,24 @@ class SDClient:
         client.close()
         if final is None:
             raise RuntimeError("stream: the server ended the stream without an image")
-        latency = time.perf_counter() - start
-        seed_used = int(final.as_numpy("SEED_USED").reshape(-1)[0])
-        dropped = int(final.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
-        return GenerationResult(final.as_numpy("IMAGE")[0], seed_used, latency, dropped, {"prompt": prompt, **parameters, "seed": seed_used})
+        return _result(final, prompt, parameters.get("negative_prompt"), time.perf_counter() - start)
+
+    def _stream_cause(self, events, err: Exception) -> Exception:
+        """The error the stream's callback got, when there is one within a second, else `err`."""
+        import queue
+
+        try:
+            _, error = events.get(timeout=1.0)
+        except queue.Empty:
+            error = None
+        cause = error if error is not None else err
+        return unreachable(cause, self.url, self.protocol) or cause
 
     def is_ready(self) -> bool:
-        return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
+        try:
+            return bool(self.client.is_server_live()) and bool(self.client.is_model_ready(self.model))
+        except Exception as err:
+            raise unreachable(err, self.url, self.protocol) or err
 
     def close(self) -> None:
         for client in self._clients:
@@ -203,8 +246,22 @@ class SDClient:
         self._clients.clear()
 
 
+def _result(reply, prompt: str, negative_prompt: str | None, latency_s: float) -> GenerationResult:
+    """A GenerationResult from the server's answer: its image, and what it was made with as the
+    server reports it (PARAMETERS: every setting, defaults included) beside the prompts sent."""
+    import json
+
+    seed_used = int(reply.as_numpy("SEED_USED").reshape(-1)[0])
+    dropped = int(reply.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
+    raw = reply.as_numpy("PARAMETERS").reshape(-1)[0]
+    used = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    parameters = {"prompt": prompt, "negative_prompt": negative_prompt or "", **used, "seed": seed_used}
+    return GenerationResult(reply.as_numpy("IMAGE")[0], seed_used, latency_s, dropped, parameters)
+
+
 def save_png(result: GenerationResult, path: str | Path) -> Path:
-    """Write the image as PNG with the prompt and parameters in its text chunks."""
+    """Write the image as PNG with every parameter it was made with in its text chunks
+    (prompt, negative_prompt, model, seed, steps, guidance_scale, height, width, scheduler)."""
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()

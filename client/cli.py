@@ -19,19 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd-client", description=__doc__.split("\n")[0], epilog="sd-client ui serves a web page instead: see sd-client ui --help"
     )
+    # a parameter left out takes the deployment's default (model_repository/deployment.toml)
     parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", default="out.png", help="PNG path (numbered when -n > 1)")
-    parser.add_argument("-n", "--count", type=int, default=1, help="number of images, sent concurrently")
-    parser.add_argument("--negative", help="negative prompt")
-    parser.add_argument("--seed", type=int, help="seed (default: random; the one used is printed)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--scheduler", help="pndm, ddim, euler, euler_a, dpmpp_2m")
+    parser.add_argument("-o", "--output", default="out.png", help="PNG path, numbered when -n > 1 (default %(default)s)")
+    parser.add_argument("-n", "--count", type=int, default=1, help="number of images, sent concurrently (default %(default)s)")
+    parser.add_argument("--negative", help='negative prompt (default: none, "")')
+    parser.add_argument("--seed", type=int, help="seed (default: random; the one used is printed and saved in the PNG)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the server's default_steps, 50 as shipped)")
+    parser.add_argument("--guidance", type=float, help="guidance scale; <= 1 turns guidance off (default: the server's, 7.5 as shipped)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size, 512 for SD 1.5)")
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size, 512 for SD 1.5)")
+    parser.add_argument("--scheduler", help="pndm, ddim, euler, euler_a, dpmpp_2m (default: the server's, pndm as shipped)")
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="(default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default %(default)s)")
     parser.add_argument("--progress", action="store_true", help="live progress per denoising step (gRPC streaming); Ctrl-C cancels on the server")
     return parser
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         result = client.stream(args.prompt, seed=seed, on_progress=advance, cancel=cancel, **parameters)
         return save_png(result, paths[i]), result
 
-    failures = 0
+    errors: dict[str, int] = {}  # message -> requests that failed with it
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(args.count, 32))
     futures = [pool.submit(one, i) for i in range(args.count)]
     try:
@@ -96,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 path, result = future.result()
             except Exception as err:  # noqa: BLE001 - report each failed request and go on
-                failures += 1
                 message = err.message() if callable(getattr(err, "message", None)) else str(err)
-                bar.write(f"error: {message}")
-            else:
-                note = f" ({result.prompt_tokens_dropped} prompt tokens past 77 were dropped)" if result.prompt_tokens_dropped else ""
-                bar.write(f"wrote {path}  seed={result.seed}  latency={result.latency_s:.2f}s{note}")
+                if message not in errors:  # once: n requests to a server that is not there fail alike
+                    bar.write(f"error: {message}")
+                errors[message] = errors.get(message, 0) + 1
+                continue
+            note = f" ({result.prompt_tokens_dropped} prompt tokens past 77 were dropped)" if result.prompt_tokens_dropped else ""
+            bar.write(f"wrote {path}  seed={result.seed}  latency={result.latency_s:.2f}s{note}")
             if not args.progress:
-                bar.update(1)
+                bar.update(1)  # images done: failures are not
     except KeyboardInterrupt:
         cancel.set()  # streamed requests are cancelled on the server at their next step
         bar.write("cancelled")
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         client.close()
-    return 1 if failures else 0
+    failed = sum(errors.values())
+    if failed and args.count > 1:
+        print(f"sd-client: {failed} of {args.count} requests failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _bar(count: int, steps: bool):

@@ -126,9 +126,9 @@ class App:
         except Exception as err:  # noqa: BLE001 - every failure goes to the page
             job.events.put(("failed", {"message": error_message(err)}))
         else:
-            height, width = result.image.shape[:2]
-            # the seed as text: random seeds are 64-bit, past what a JavaScript number holds exactly
-            used = {"prompt": prompt, **parameters, "seed": str(result.seed), "height": height, "width": width}
+            # what the server made it with, defaults included; the seed as text: random seeds are
+            # 64-bit, past what a JavaScript number holds exactly
+            used = {**result.parameters, "seed": str(result.seed)}
             job.events.put(("done", {"image": png_data_url(result.image), "latency_s": round(result.latency_s, 3), **used}))
 
     def pop(self, job_id: str) -> Job | None:

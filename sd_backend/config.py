@@ -155,6 +155,13 @@ class DeploymentConfig:
             raise ValueError(f"batch_buckets: {self.batch_buckets!r} must be positive batch sizes")
         self.batch_buckets = tuple(sorted(set(self.batch_buckets)))
 
+    @property
+    def model_name(self) -> str:
+        """The model as an image's metadata names it: an offline name or hub id as given, a
+        directory by its last component (the server's paths stay on the server)."""
+        path = Path(self.model).expanduser()
+        return path.name if path.is_absolute() or path.is_dir() else self.model
+
     @classmethod
     def load(cls, repository: str | Path | None = None, environ: Mapping[str, str] | None = None) -> "DeploymentConfig":
         """The deployment of a model repository: its deployment.toml (when there is one),

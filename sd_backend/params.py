@@ -37,6 +37,19 @@ class GenerationParams:
         """Requests with the same key run as one batch through the denoising loop."""
         return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance)
 
+    def record(self, model: str) -> dict[str, Any]:
+        """Everything the image was made with, defaults included, under the client's names
+        (the PARAMETERS output; sd-client writes it into the PNG so the file reproduces its image)."""
+        return {
+            "model": model,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance,
+            "height": self.height,
+            "width": self.width,
+            "scheduler": self.scheduler,
+        }
+
 
 def _as_float(field: str, value: Any) -> float:
     if isinstance(value, (bool, str, bytes)):

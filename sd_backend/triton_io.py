@@ -178,3 +178,12 @@ def instance_device(args) -> str | None:
     if args.get("model_instance_kind") == "GPU":
         return f"cuda:{args['model_instance_device_id']}"
     return None
+
+
+def parameters_tensor(pb, params, config):
+    """The PARAMETERS output: what the image was made with, as one JSON string."""
+    import json
+
+    import numpy as np
+
+    return pb.Tensor("PARAMETERS", np.array([[json.dumps(params.record(config.model_name)).encode()]], dtype=object))

@@ -66,6 +66,31 @@ def test_omitted_inputs_take_defaults_and_random_seed_is_reported(grpc, referenc
     assert_same_image(first.image, expected, max_diff=0)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_png_records_every_parameter_so_it_alone_reproduces_its_image(request, protocol, tmp_path):
+    """Defaults included: a PNG made with nothing but a prompt names the steps, guidance,
+    size, scheduler, seed and model the server used, and they make the same image again."""
+    from PIL import Image
+
+    from sd_client import save_png
+
+    client = request.getfixturevalue(protocol)
+    made = client.generate("a lighthouse", steps=2)  # everything else the deployment's
+    path = save_png(made, tmp_path / "made.png")
+    text = Image.open(path).text
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "model", "steps", "guidance_scale", "height", "width", "scheduler")} == {
+        "prompt": "a lighthouse", "negative_prompt": "", "model": "tiny", "steps": "2", "guidance_scale": "7.5",
+        "height": "64", "width": "64", "scheduler": "pndm",
+    }
+    assert text["seed"] == str(made.seed)
+    again = client.generate(
+        text["prompt"], negative_prompt=text["negative_prompt"], seed=int(text["seed"]), steps=int(text["steps"]),
+        guidance_scale=float(text["guidance_scale"]), height=int(text["height"]), width=int(text["width"]),
+        scheduler=text["scheduler"],
+    )
+    assert_same_image(again.image, made.image, max_diff=0)
+
+
 def test_long_prompt_is_truncated_and_reported(grpc):
     result = grpc.generate("cat " * 100, steps=2, seed=1)
     assert result.prompt_tokens_dropped == 100 + 2 - 77  # 100 words + start/end tokens

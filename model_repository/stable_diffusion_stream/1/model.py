@@ -82,6 +82,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("IMAGE", image.as_numpy()),
                 pb_utils.Tensor("SEED_USED", np.array([[params.seed]], np.int64)),
                 pb_utils.Tensor("PROMPT_TOKENS_DROPPED", encoded["PROMPT_TOKENS_DROPPED"].as_numpy()),
+                io.parameters_tensor(pb_utils, params, self.stage.config),
             ]
         )
 

@@ -33,6 +33,7 @@ class TritonPythonModel:
                 [
                     io.from_torch(pb_utils, "LATENTS", latents.float()),
                     pb_utils.Tensor("SEED_USED", np.array([[job.params.seed]], np.int64)),
+                    io.parameters_tensor(pb_utils, job.params, self.stage.config),
                 ]
             )
 
