@@ -74,7 +74,16 @@ def test_kubernetes_manifests_validate_for_gpus_per_pod(tmp_path, gpus):
     proc = subprocess.run([str(validate), "--strict", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kinds = {doc["kind"]: doc for doc in docs}
-    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+    # the caches (models, downloads, compiled kernels) on the shared claim, where the image keeps them
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    claim = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claim["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "ReadWriteMany" in kinds["PersistentVolumeClaim"]["spec"]["accessModes"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == claim["name"])
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    for variable in ("SD_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert re.search(rf"{variable}={re.escape(mount['mountPath'])}/", dockerfile), variable
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -86,12 +95,30 @@ def test_kubernetes_manifests_validate_for_gpus_per_pod(tmp_path, gpus):
 
 
 def test_kserve_inference_service_uses_the_triton_format_on_this_runtime():
-    runtime, service = _render("--kserve", "--gpus", "2")
+    runtime, service, claim = _render("--kserve", "--gpus", "2")
+    assert claim["kind"] == "PersistentVolumeClaim"
     assert runtime["kind"] == "ServingRuntime" and service["kind"] == "InferenceService"
     assert {"name": "triton", "version": "2", "autoSelect": False} in runtime["spec"]["supportedModelFormats"]
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["runtime"] == runtime["metadata"]["name"]
     assert model["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_the_scale_out_signal_is_written_once():
+    """The adapter rule, the HPA's metric and the dashboard's queue panel: one definition."""
+    import json
+
+    sys.path.insert(0, str(DOCKER / "k8s"))
+    import render
+
+    (rules,) = _render("--adapter-rules")
+    rule = rules["rules"][0]
+    assert rule["metricsQuery"] == render.queue_ms_query("<<.LabelMatchers>>", "<<.GroupBy>>")
+    hpa = next(doc for doc in _render() if doc["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"]
+    dashboard = json.loads((DOCKER / "grafana" / "sd-triton-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert render.queue_ms_query(by="instance") in exprs
 
 
 def test_grafana_dashboard_queries_metrics_the_server_exposes():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_backend import processes
 from sd_backend.config import SCHEDULER_NAMES
 from tests.servers import client, is_invalid_arg, running_server, shm_mb
 
@@ -109,7 +110,20 @@ def test_flood_of_good_and_bad_requests_answers_each_correctly_without_leaking(c
         time.sleep(2)
         rss_before, shm_before = server.rss_mib(), shm_mb(server)
         began = time.monotonic()
+        samples = []  # (seconds in, MiB of tritonserver and of each stub): a plateau, or which one grows
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(max(5.0, FLOOD_SECONDS / 20)):
+                each = {model: round(processes.rss_mib([pid]), 1) for pid, model in server.stub_processes().items()}
+                each["tritonserver"] = round(processes.rss_mib([server.process.pid]), 1)
+                samples.append((round(time.monotonic() - began), each))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         tally = flood(server, FLOOD_SECONDS, pool, references)
+        done.set()
+        sampler.join()
         elapsed = time.monotonic() - began
         time.sleep(2)
         rss_after, shm_after = server.rss_mib(), shm_mb(server)
@@ -128,6 +142,7 @@ def test_flood_of_good_and_bad_requests_answers_each_correctly_without_leaking(c
         rss_mb_after=round(rss_after, 1),
         shm_mb_before=round(shm_before, 1),
         shm_mb_after=round(shm_after, 1),
+        rss_mib_samples=samples,
     )
     print("\nflood:", json.dumps(figures))
     if os.environ.get("SD_FLOOD_RESULTS"):
