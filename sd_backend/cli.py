@@ -1,12 +1,14 @@
-"""`sd-triton`: serve the model repository, or write an offline model.
+"""`sd-triton`: serve the model repository, fetch its model, or write an offline model.
 
     sd-triton serve [--model tiny] [--host 127.0.0.1] [--grpc-port 8001] ...
-    sd-triton write-model tiny ./models/tiny
+    sd-triton fetch --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    sd-triton write-model tiny ./models/tiny          (or tiny.safetensors: one checkpoint file)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -20,11 +22,7 @@ from .offline import OFFLINE_MODELS, write_offline_model
 
 
 def _serve(args: argparse.Namespace) -> int:
-    env = {}
-    for name in ("model", "device", "dtype", "opt_level", "cache_dir"):
-        value = getattr(args, name)
-        if value is not None:
-            env[f"SD_{name.upper()}"] = str(value)
+    env = _overrides(args)
     options = ServerOptions(
         model_repository=Path(args.model_repository).resolve(),
         host=args.host,
@@ -87,9 +85,36 @@ def _shutdown(server: TritonServer) -> int:
 
 
 def _write_model(args: argparse.Namespace) -> int:
-    path = write_offline_model(args.name, args.directory)
+    if Path(args.directory).suffix == ".safetensors":  # one file in the LDM layout, as checkpoints come
+        from .checkpoints import write_checkpoint
+        from .config import default_cache_dir
+
+        path = write_checkpoint(args.name, args.directory, Path(args.cache_dir or default_cache_dir()))
+    else:
+        path = write_offline_model(args.name, args.directory)
     print(f"sd-triton: wrote {args.name} to {path}")
     return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    """The deployment's model into its cache now (an init container, a pre-built image)."""
+    from .config import DeploymentConfig
+    from .fetch import local_model
+
+    environ = dict(os.environ, **_overrides(args))
+    try:
+        path = local_model(DeploymentConfig.load(Path(args.model_repository), environ=environ), progress=True)
+    except ValueError as err:
+        print(f"sd-triton: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """SD_* variables for the deployment settings given on the command line."""
+    names = ("model", "device", "dtype", "opt_level", "cache_dir")
+    return {f"SD_{name.upper()}": str(getattr(args, name)) for name in names if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("tritonserver_args", nargs="*", help="after --: passed to tritonserver as they are")
     serve.set_defaults(func=_serve)
 
-    write = sub.add_parser("write-model", help="write an offline model in diffusers layout")
+    write = sub.add_parser("write-model", help="write an offline model in diffusers layout, or as a single-file checkpoint")
     write.add_argument("name", choices=OFFLINE_MODELS)
-    write.add_argument("directory")
+    write.add_argument("directory", help="a directory, or a .safetensors file for one checkpoint in the LDM layout")
+    write.add_argument("--cache-dir", help="where the offline model is written first (for a .safetensors file)")
     write.set_defaults(func=_write_model)
+
+    fetch = sub.add_parser("fetch", help="get the deployment's model into its cache now and print where it is")
+    fetch.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    fetch.add_argument("--model", help="tiny, sd15-random, a directory, a .safetensors checkpoint or a hub id")
+    fetch.add_argument("--cache-dir", help="the deployment's cache (default: its cache_dir)")
+    fetch.set_defaults(func=_fetch)
     return parser
 
 

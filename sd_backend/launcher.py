@@ -120,6 +120,8 @@ def _link(source: Path, target: Path) -> None:
 def server_environment(options: ServerOptions, tree: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(options.env)
+    # the launcher fetched the model before the server started: the stubs find it in the cache
+    env["HF_HUB_OFFLINE"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
@@ -185,6 +187,7 @@ class TritonServer:
         self.stub_deaths: list[str] = []
         self.control = ModelControl(self.http_url, options.admin_key)
         self.health: HealthServer | None = None
+        self.model_dir: Path | None = None  # the local copy of the deployment's model, once started
         self._replacing: set[str] = set()  # models whose dead stub is being replaced
         self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-"))
         self._stopping = threading.Event()
@@ -210,10 +213,15 @@ class TritonServer:
         return DeploymentConfig.load(self.options.model_repository, environ={**os.environ, **self.options.env})
 
     def start(self) -> "TritonServer":
-        """Check the repository against its deployment (ValueError naming what disagrees), then start."""
+        """Check the repository against its deployment (ValueError naming what disagrees), get
+        the model's files onto this machine once (sd_backend.fetch; ModelUnavailable, a
+        ValueError, naming what is wrong), then start, the stubs resolving the model offline."""
+        from .fetch import local_model
         from .repository import check_repository
 
-        check_repository(self.options.model_repository, self.deployment())
+        deployment = self.deployment()
+        check_repository(self.options.model_repository, deployment)
+        self.model_dir = local_model(deployment, progress=True)
         binary, tree = find_tritonserver()
         backend_dir = prepare_backend_dir(tree, self._workdir / "backends") if tree is not None else None
         command = server_command(self.options, binary, backend_dir, self.shm_prefix)

@@ -7,23 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import DeploymentConfig
-from .offline import OFFLINE_MODELS, write_offline_model
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def resolve_model(config: DeploymentConfig) -> str:
-    """Directory or hub id to load from; offline models are written on first use."""
-    if config.model in OFFLINE_MODELS:
-        return str(write_offline_model(config.model, Path(config.cache_dir) / config.model))
-    if Path(config.model).expanduser().is_dir():
-        return str(Path(config.model).expanduser())
-    if "/" not in config.model:
-        raise ValueError(
-            f"model: {config.model!r} is neither an offline model ({', '.join(OFFLINE_MODELS)}), "
-            "a directory, nor a hub id of the form owner/name"
-        )
-    return config.model
+    """The local diffusers directory to load from (sd_backend.fetch: offline models written,
+    checkpoints converted and hub ids downloaded on first use, into the deployment's cache)."""
+    from .fetch import local_model
+
+    return str(local_model(config))
 
 
 def resolve_device(config: DeploymentConfig, instance_device: str | None = None):

@@ -6,6 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -85,3 +89,37 @@ def stub_rss_mib(server, model: str) -> float:
     pid = next(pid for pid, name in server.stub_processes().items() if name == model)
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+class Serve:
+    """`sd-triton serve` as a deployment runs it (the container's PID 1), output collected."""
+
+    def __init__(self, cache_dir, exit_timeout_s: int = 30, env: dict | None = None, args: tuple = ()):
+        from sd_backend.launcher import free_port
+
+        self.http, self.grpc, metrics, self.health = (free_port() for _ in range(4))
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sd_backend.cli", "serve", "--http-port", str(self.http), "--grpc-port",
+             str(self.grpc), "--metrics-port", str(metrics), "--health-port", str(self.health),
+             "--exit-timeout", str(exit_timeout_s), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {})),
+        )
+        # keep reading: tritonserver logs to the same pipe and must never block on it
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("  try:"):
+                self.ready.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(120)

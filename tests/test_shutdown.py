@@ -9,45 +9,14 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.servers import client, http_status
+from tests.servers import Serve, client, http_status
 from tests.utils import assert_same_image
-
-
-class Serve:
-    """`sd-triton serve` as a deployment runs it (the container's PID 1), output collected."""
-
-    def __init__(self, cache_dir, exit_timeout_s: int):
-        from sd_backend.launcher import free_port
-
-        self.http, self.grpc, metrics, self.health = (free_port() for _ in range(4))
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sd_backend.cli", "serve", "--http-port", str(self.http), "--grpc-port",
-             str(self.grpc), "--metrics-port", str(metrics), "--health-port", str(self.health),
-             "--exit-timeout", str(exit_timeout_s)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, SD_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1"),
-        )
-        # keep reading: tritonserver logs to the same pipe and must never block on it
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("  try:"):
-                self.ready.set()
-
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
