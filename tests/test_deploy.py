@@ -81,6 +81,8 @@ def test_kubernetes_manifests_validate_for_gpus_per_pod(tmp_path, gpus):
     assert claim["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
     assert "ReadWriteMany" in kinds["PersistentVolumeClaim"]["spec"]["accessModes"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == claim["name"])
+    (fetcher,) = pod["initContainers"]  # the model into the cache before the server starts
+    assert fetcher["args"][0] == "fetch" and fetcher["volumeMounts"] == [mount]
     dockerfile = (DOCKER / "Dockerfile").read_text()
     for variable in ("SD_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         assert re.search(rf"{variable}={re.escape(mount['mountPath'])}/", dockerfile), variable

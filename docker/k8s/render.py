@@ -81,6 +81,19 @@ def _container(image: str, gpus: int, model: str) -> dict:
     }
 
 
+def _fetcher(image: str, model: str) -> dict:
+    """`sd-triton fetch`: the model into the shared cache, once for the cluster."""
+    container = _container(image, 0, model)
+    return {
+        "name": "fetch-model",
+        "image": image,
+        "command": ["sd-triton"],
+        "args": ["fetch", "--model-repository", ARGS[-1]],
+        "env": [e for e in container["env"] if e["name"] in ("SD_MODEL", "HF_TOKEN")],
+        "volumeMounts": [m for m in container["volumeMounts"] if m["name"] == "cache"],
+    }
+
+
 def _volumes() -> list[dict]:
     return [
         {"name": "cache", "persistentVolumeClaim": {"claimName": f"{NAME}-cache"}},
@@ -112,6 +125,9 @@ def core(image: str, gpus: int, replicas: int, model: str, queue_ms: int) -> lis
                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS["metrics"])},
                 },
                 "spec": {
+                    # the download (or checkpoint conversion) before the server: the startup probe
+                    # then covers only the load and the graph capture
+                    "initContainers": [_fetcher(image, model)],
                     "containers": [_container(image, gpus, model)],
                     "volumes": _volumes(),
                     "terminationGracePeriodSeconds": 60,  # in-flight images finish (Triton's exit timeout is 30 s)
