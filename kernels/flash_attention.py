@@ -161,7 +161,7 @@ def _attn_fwd_inner(
 
 @triton.autotune(
     configs=_configs(),
-    # D_A and D_B too: SD_ATTN_SPLIT_D changes them for the same head_dim within one process
+    # D_A and D_B too: split_head_dim changes them for the same head_dim within one process
     key=["q_len", "kv_len", "HEAD_DIM", "D_A", "D_B", "ALIGN"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
