@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,28 @@ def test_a_hub_id_is_downloaded_once_by_the_launcher_and_the_stubs_stay_offline(
     reference = client(server.grpc_url)
     assert_same_image(result.image, reference.generate("a cat", seed=4, steps=3).image, max_diff=0)
     reference.close()
+
+
+def test_an_sd1_checkpoint_gets_sd15s_configs_offline_and_its_tokenizer_from_the_hub_once(tmp_path, tiny_dir):
+    """What converting a real SD 1.x checkpoint needs besides its tensors: SD 1.5's component
+    configs, written here without building weights, and CLIP's tokenizer, which a checkpoint
+    does not carry, fetched once from the hub (a local stand-in serving a tokenizer here)."""
+    import json
+
+    hub = StandInHub("stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_dir)
+    code = (
+        "import json, sys; from pathlib import Path; from sd_backend.checkpoints import _family_config;"
+        "print(_family_config('sd15', Path(sys.argv[1]), Path(sys.argv[1]) / 'scratch'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, HF_ENDPOINT=hub.url),
+                          capture_output=True, text=True, timeout=120)
+    hub.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = Path(done.stdout.strip().splitlines()[-1])
+    unet = json.loads((config / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768
+    assert json.loads((config / "text_encoder" / "config.json").read_text())["hidden_size"] == 768
+    assert (config / "tokenizer" / "vocab.json").is_file() and (config / "model_index.json").is_file()
+    assert not list(config.rglob("*.safetensors"))  # configs only: no weights were built
+    asked = [path for _, path in hub.requests if "/resolve/" in path]
+    assert asked and all("/tokenizer/" in path or path.endswith("model_index.json") for path in asked), asked
