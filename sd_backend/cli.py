@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"sd-triton: ready\n  gRPC     {server.grpc_url}\n  HTTP     http://{server.http_url}\n"
             f"  metrics  {server.metrics_url}\n"
+            f"  model    {server.deployment().model} ({server.model_dir})\n"
             + (f"  probes   {server.health_url}/ready, {server.health_url}/live\n" if server.health_url else "")
             + (
                 f"  model-control/shared-memory/trace/logging APIs need the header "

@@ -65,7 +65,7 @@ class ServerOptions:
 
     @classmethod
     def on_free_ports(cls, **fields) -> "ServerOptions":
-        """Options whose HTTP, gRPC and metrics ports are free loopback ports (tests, demos, benchmarks)."""
+        """Options whose HTTP, gRPC, metrics and health ports are free loopback ports (tests, demos, benchmarks)."""
         ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), health_port=free_port())
         return cls(**{**ports, **fields})
 

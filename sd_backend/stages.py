@@ -101,14 +101,14 @@ class UNetStage:
     each group runs as one batch (split at the largest batch bucket).
     """
 
-    def __init__(self, config: DeploymentConfig, unet, scheduler_config, vae_scale: int, device, dtype):
+    def __init__(self, config: DeploymentConfig, unet, scheduler_config, vae_scale: int, device, dtype, native_size: int):
         self.config = config
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.vae_scale = vae_scale
         self.device = device
         self.dtype = dtype
-        self.native_size = unet.config.sample_size * vae_scale
+        self.native_size = native_size
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
@@ -118,7 +118,8 @@ class UNetStage:
         loop that runs step by step, as the streaming model's does)."""
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
-        stage = cls(config, unet, loading.load_scheduler_config(source), loading.vae_scale_factor(source), device, dtype)
+        scale, native = loading.vae_scale_factor(source), loading.native_size(source)
+        stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, native)
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
