@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, help="guidance scale; <= 1 turns guidance off (default: the server's, 7.5 as shipped)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size, 512 for SD 1.5)")
     parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size, 512 for SD 1.5)")
-    parser.add_argument("--scheduler", help="pndm, ddim, euler, euler_a, dpmpp_2m (default: the server's, pndm as shipped)")
+    parser.add_argument("--scheduler", help="pndm, ddim, euler, euler_a, dpmpp_2m, lcm (default: the server's, pndm as shipped)")
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="(default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default %(default)s)")

@@ -23,13 +23,19 @@ from .offline import ARCHITECTURES, OFFLINE_MODELS, write_offline_model
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONV_IN = UNET + "input_blocks.0.0.weight"
-# family -> (the offline model whose configuration it has, UNet channels, text width)
-FAMILIES = {
-    "tiny": ("tiny", ARCHITECTURES["tiny"]["unet"]["block_out_channels"][0], ARCHITECTURES["tiny"]["unet"]["cross_attention_dim"]),
-    "sd15": ("sd15-random", 320, 768),
-}
-# a family's CLIP tokenizer, where this project cannot write it offline: SD 1.x's is OpenAI's
-TOKENIZER_SOURCES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+PROJ_IN = UNET + "input_blocks.1.1.proj_in.weight"  # 2-D where the transformer blocks project linearly (SD 2.x)
+
+
+def _signature(offline: str) -> tuple[int, int, bool]:
+    unet = ARCHITECTURES[offline]["unet"]
+    return unet["block_out_channels"][0], unet["cross_attention_dim"], unet.get("use_linear_projection", False)
+
+
+# family -> the offline model whose configuration it has; recognised by its (UNet channels,
+# text width, linear projections). SD 2.x is taken as 768x768 v-prediction, as SD 2.1 is.
+FAMILIES = {"tiny": "tiny", "tiny-v": "tiny-v", "sd15": "sd15-random", "sd21": "sd21-random"}
+# a family's CLIP tokenizer, where this project cannot write it offline
+TOKENIZER_SOURCES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1"}
 
 
 def read_state(path: Path) -> dict:
@@ -46,7 +52,8 @@ def read_state(path: Path) -> dict:
 
 def family_of(state: dict, path: Path) -> str:
     """The family of a single-file checkpoint, from its tensors; ModelUnavailable naming what was found."""
-    known = ", ".join(f"{name} ({channels} UNet channels, text width {width})" for name, (_, channels, width) in FAMILIES.items())
+    known = ", ".join(f"{name} ({'%d UNet channels, text width %d%s' % (c, w, ', linear' if lin else '')})"
+                      for name, (c, w, lin) in ((n, _signature(o)) for n, o in FAMILIES.items()))
     if CONV_IN not in state:
         prefixes = sorted({key.split(".")[0] for key in state})[:6]
         raise ModelUnavailable(
@@ -55,12 +62,14 @@ def family_of(state: dict, path: Path) -> str:
         )
     channels = state[CONV_IN].shape[0]
     widths = {tensor.shape[1] for key, tensor in state.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
-    for name, (_, family_channels, width) in FAMILIES.items():
-        if channels == family_channels and widths == {width}:
+    linear = PROJ_IN in state and state[PROJ_IN].dim() == 2
+    for name, offline in FAMILIES.items():
+        family_channels, width, family_linear = _signature(offline)
+        if channels == family_channels and widths == {width} and linear == family_linear:
             return name
     raise ModelUnavailable(
-        f"model: {path} is a checkpoint of no family sd-triton serves: its UNet has {channels} channels and reads "
-        f"text of width {', '.join(map(str, sorted(widths))) or 'none'}; known: {known}"
+        f"model: {path} is a checkpoint of no family sd-triton serves: its UNet has {channels} channels, reads "
+        f"text of width {', '.join(map(str, sorted(widths))) or 'none'}{' and projects linearly' if linear else ''}; known: {known}"
     )
 
 
@@ -92,8 +101,8 @@ def converted_checkpoint(path: Path, cache_dir: Path, progress: bool = False) ->
 
 def _family_config(family: str, cache_dir: Path, scratch: Path) -> Path:
     """A directory of the family's configs and tokenizer (its weights, if any, are not read)."""
-    offline = FAMILIES[family][0]
-    if offline == "tiny":  # small enough to write whole
+    offline = FAMILIES[family]
+    if offline in ("tiny", "tiny-v"):  # small enough to write whole
         return write_offline_model(offline, cache_dir / offline)
     _write_configs(offline, scratch)
     tokenizer = download(TOKENIZER_SOURCES[family], cache_dir / "hub", progress=False, patterns=["tokenizer/*", "model_index.json"])
@@ -115,7 +124,7 @@ def _write_configs(offline: str, directory: Path) -> None:
         AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"]).save_config(str(directory / "vae"))
     CLIPTextConfig(max_position_embeddings=77, **arch["text"]).save_pretrained(str(directory / "text_encoder"))
     (directory / "scheduler").mkdir(parents=True)
-    config = {"_class_name": "PNDMScheduler", **_SCHEDULER_CONFIG}
+    config = {"_class_name": "PNDMScheduler", **_SCHEDULER_CONFIG, **arch.get("scheduler", {})}
     (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=1))
     index = {
         "_class_name": "StableDiffusionPipeline",

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m")
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
 OPT_LEVELS = ("eager", "compile", "triton", "deepspeed")
 KERNEL_OPS = ("attention", "group_norm", "layer_norm", "geglu")
 DISPATCH_MODES = ("measure", "always", "never")
@@ -81,7 +81,8 @@ class DeploymentConfig:
     """How one Stable Diffusion deployment loads and serves its models."""
 
     model: str = "tiny"
-    """`tiny`, `sd15-random`, a diffusers-layout directory, or a Hugging Face hub id
+    """`tiny`, `sd15-random`, `tiny-v`, `sd21-random` (sd_backend.offline), a diffusers-layout
+    directory, a single-file checkpoint, or a Hugging Face hub id
     (`stable-diffusion-v1-5/stable-diffusion-v1-5`; token from `HF_TOKEN`)."""
 
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)

@@ -5,6 +5,9 @@
   tests and demos on the CPU.
 - `sd15-random`: the full SD 1.5 architecture (860M UNet, 123M CLIP, 84M VAE) with
   random weights, for GPU speed work where no checkpoint is at hand.
+- `tiny-v`, `sd21-random`: the same for the SD 2.x family: v-prediction, linear
+  projections in the transformer blocks, head_dim 64 and an OpenCLIP-H-shaped text
+  encoder in `sd21-random` (768x768 native).
 
 Both are written so that `diffusers.StableDiffusionPipeline.from_pretrained(dir)`
 loads the very same weights the Triton models load.
@@ -18,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-OFFLINE_MODELS = ("tiny", "sd15-random")
+OFFLINE_MODELS = ("tiny", "sd15-random", "tiny-v", "sd21-random")
 
 # SD 1.x noise schedule and PNDM settings (the scheduler config SD 1.5 ships).
 _SCHEDULER_CONFIG = dict(
@@ -94,6 +97,42 @@ def _write_tokenizer(directory: Path) -> int:
 # (SD 1.5's for `sd15-random`; the VAE blocks match SD's, so pixels/latent is 8 in both).
 _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 ARCHITECTURES = {
+    "tiny-v": dict(
+        unet=dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),  # heads per block, as SD 2.x's config counts them
+            use_linear_projection=True,
+            norm_num_groups=8,
+        ),
+        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
+        scheduler=dict(prediction_type="v_prediction"),
+    ),
+    "sd21-random": dict(
+        unet=dict(
+            sample_size=96,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=768),
+        text=dict(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,  # OpenCLIP-H's penultimate layer, as diffusers converts SD 2.x
+            num_attention_heads=16,
+            hidden_act="gelu",
+        ),
+        scheduler=dict(prediction_type="v_prediction"),
+    ),
     "tiny": dict(
         unet=dict(
             sample_size=8,
@@ -141,7 +180,7 @@ def _build(name: str, vocab_size: int, eos_id: int, bos_id: int):
     torch.manual_seed(1)
     vae = AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"])
     torch.manual_seed(2)
-    text = dict(vocab_size=vocab_size) | arch["text"]  # sd15-random keeps CLIP's full vocabulary size
+    text = dict(vocab_size=vocab_size) | arch["text"]  # the -random models keep CLIP's full vocabulary size
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             max_position_embeddings=77, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, **text
@@ -176,12 +215,12 @@ def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=PNDMScheduler(**_SCHEDULER_CONFIG),
+            scheduler=PNDMScheduler(**_SCHEDULER_CONFIG, **ARCHITECTURES[name].get("scheduler", {})),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        if name == "sd15-random":
+        if name.endswith("-random"):
             pipeline.to(dtype=__import__("torch").float16)  # halves the 4 GB of fp32 weights on disk
         pipeline.save_pretrained(str(staging), safe_serialization=True)
         try:

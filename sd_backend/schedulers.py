@@ -1,4 +1,6 @@
-"""The schedulers a request may name, built from diffusers' own classes."""
+"""The schedulers a request may name, built from diffusers' own classes on the model's own
+scheduler config: its prediction type (epsilon, v_prediction) and timestep spacing
+(leading, trailing) carry over to every one of them."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # latent consistency: few steps (1-8), for LCM-distilled weights; noise is drawn at each step but the last
+    "lcm": ("LCMScheduler", {}),
 }
 assert tuple(_SCHEDULERS) == SCHEDULER_NAMES
 

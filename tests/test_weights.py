@@ -66,9 +66,12 @@ def test_the_family_is_read_from_the_checkpoints_own_tensors(tmp_path):
     unet = "model.diffusion_model."
     sd15 = {unet + "input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3), unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768)}
     assert family_of(sd15, tmp_path / "v1-5.safetensors") == "sd15"
-    sd21 = dict(sd15, **{unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)})
-    with pytest.raises(ModelUnavailable, match="has 320 channels and reads text of width 1024; known: tiny"):
-        family_of(sd21, tmp_path / "v2-1.safetensors")
+    sd21 = dict(sd15, **{unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
+                         unet + "input_blocks.1.1.proj_in.weight": torch.zeros(320, 320)})
+    assert family_of(sd21, tmp_path / "v2-1.safetensors") == "sd21"
+    sdxl_like = dict(sd21, **{unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 2048)})
+    with pytest.raises(ModelUnavailable, match="has 320 channels, reads text of width 2048 and projects linearly; known: tiny"):
+        family_of(sdxl_like, tmp_path / "xl.safetensors")
 
 
 def test_a_single_file_checkpoint_serves_the_images_of_its_weights(tmp_path, cache_dir, server):

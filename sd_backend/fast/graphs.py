@@ -23,8 +23,9 @@ from ..schedulers import make_scheduler
 
 log = logging.getLogger("sd_backend")
 
-# Schedulers whose step() draws noise it actually uses (eta 0 for DDIM, s_churn 0 for Euler).
-_NOISY = {"euler_a"}
+# Schedulers whose step() draws noise it actually uses (eta 0 for DDIM, s_churn 0 for Euler;
+# LCM at every step but the last, so one buffer of each image's draws is left over).
+_NOISY = {"euler_a", "lcm"}
 
 
 @contextlib.contextmanager
