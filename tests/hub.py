@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 class StandInHub:
-    def __init__(self, repo_id: str, directory: Path):
+    def __init__(self, repo_id: str, directory: Path, gated: bool = False):
         self.repo_id = repo_id
+        self.gated = gated  # answer as the hub does for a gated model and no accepted terms
         root = Path(directory)
         self.files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
         self.sha = hashlib.sha1("\n".join(self.files).encode()).hexdigest()  # the one commit
@@ -29,6 +30,8 @@ class StandInHub:
 
     def _answer(self, path: str) -> tuple[int, bytes, dict]:
         api = f"/api/models/{self.repo_id}/"
+        if self.gated and (path.startswith(api) or path.startswith(f"/{self.repo_id}/")):
+            return 401, b'{"error": "Access to model is restricted."}', {"X-Error-Code": "GatedRepo"}
         if path.startswith(api + "revision/"):
             siblings = [{"rfilename": name} for name in self.files]
             return 200, json.dumps({"id": self.repo_id, "sha": self.sha, "siblings": siblings}).encode(), {}

@@ -43,6 +43,23 @@ def test_a_hub_id_without_network_fails_in_seconds_with_one_line(tmp_path):
     assert "pass a local directory or .safetensors or .ckpt checkpoint" in lines[0]
 
 
+@pytest.mark.parametrize("case", ["unknown", "gated"])
+def test_an_unknown_or_gated_hub_id_says_what_to_do(tmp_path, tiny_dir, case):
+    hub = StandInHub("someone/tiny-sd", tiny_dir, gated=case == "gated")
+    repo = "someone/no-such-model" if case == "unknown" else "someone/tiny-sd"
+    done = subprocess.run(
+        [sys.executable, "-m", "sd_backend.cli", "fetch", "--model", repo, "--cache-dir", str(tmp_path / "cache")],
+        env=dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf")), capture_output=True, text=True, timeout=120,
+    )
+    hub.close()
+    assert done.returncode == 2, done.stdout + done.stderr
+    expected = {
+        "unknown": f"sd-triton: model: the Hugging Face hub has no model {repo} (or it is private: set HF_TOKEN)",
+        "gated": f"sd-triton: model: {repo} is gated on the Hugging Face hub: accept its terms at {hub.url}/{repo}",
+    }[case]
+    assert expected in done.stderr, done.stderr[-2000:]
+
+
 def test_a_directory_that_is_not_a_model_names_the_missing_files(tmp_path):
     model = tmp_path / "half-a-model"
     (model / "unet").mkdir(parents=True)
