@@ -102,7 +102,7 @@ def converted_checkpoint(path: Path, cache_dir: Path, progress: bool = False) ->
 def _family_config(family: str, cache_dir: Path, scratch: Path) -> Path:
     """A directory of the family's configs and tokenizer (its weights, if any, are not read)."""
     offline = FAMILIES[family]
-    if offline in ("tiny", "tiny-v"):  # small enough to write whole
+    if family not in TOKENIZER_SOURCES:  # its offline model's own tokenizer is the right one, and it is small
         return write_offline_model(offline, cache_dir / offline)
     _write_configs(offline, scratch)
     tokenizer = download(TOKENIZER_SOURCES[family], cache_dir / "hub", progress=False, patterns=["tokenizer/*", "model_index.json"])

@@ -178,16 +178,12 @@ class DeploymentConfig:
     def from_settings(cls, settings: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "DeploymentConfig":
         """From a mapping shaped like deployment.toml (values typed or strings), then `SD_*` overrides."""
         environ = {} if environ is None else environ
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{DEPLOYMENT_FILE}: unknown settings {unknown}; known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        _check_known(cls, settings, f"{DEPLOYMENT_FILE}: unknown settings")
         values = _values(cls, settings, environ, "SD_")
         fast = settings.get("fast_path", {})
         if not isinstance(fast, Mapping):
             raise ValueError(f"fast_path: {fast!r} is not a table of options")
-        unknown = sorted(set(fast) - {f.name for f in dataclasses.fields(FastPathOptions)})
-        if unknown:
-            raise ValueError(f"fast_path: unknown options {unknown}; known: {', '.join(f.name for f in dataclasses.fields(FastPathOptions))}")
+        _check_known(FastPathOptions, fast, "fast_path: unknown options")
         values["fast_path"] = FastPathOptions(**_values(FastPathOptions, fast, environ, "SD_FAST_PATH_"))
         return cls(**values)
 
@@ -216,6 +212,14 @@ def read_deployment_file(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _check_known(cls, settings: Mapping[str, Any], what: str) -> None:
+    """ValueError naming the keys of `settings` that are no field of `cls`, and the fields."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ValueError(f"{what} {unknown}; known: {', '.join(names)}")
 
 
 def _values(cls, settings: Mapping[str, Any], environ: Mapping[str, str], prefix: str) -> dict[str, Any]:

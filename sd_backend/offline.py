@@ -96,74 +96,56 @@ def _write_tokenizer(directory: Path) -> int:
 # Constructor arguments of each offline model's UNet, VAE and CLIP text model
 # (SD 1.5's for `sd15-random`; the VAE blocks match SD's, so pixels/latent is 8 in both).
 _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+_TINY = dict(
+    unet=dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+)
+_SD15 = dict(
+    unet=dict(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    ),
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+    text=dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+    ),
+)
+# SD 2.x as it differs from SD 1.x: heads counted per block (head_dim 64 in sd21-random), linear
+# projections in the transformer blocks, OpenCLIP-style GELU text, v-prediction
+_V_PREDICTION = dict(prediction_type="v_prediction")
 ARCHITECTURES = {
+    "tiny": _TINY,
+    "sd15-random": _SD15,
     "tiny-v": dict(
-        unet=dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),  # heads per block, as SD 2.x's config counts them
-            use_linear_projection=True,
-            norm_num_groups=8,
-        ),
-        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
-        scheduler=dict(prediction_type="v_prediction"),
+        unet=_TINY["unet"] | dict(attention_head_dim=(2, 4), use_linear_projection=True),
+        vae=_TINY["vae"],
+        text=_TINY["text"] | dict(hidden_act="gelu"),
+        scheduler=_V_PREDICTION,
     ),
     "sd21-random": dict(
-        unet=dict(
-            sample_size=96,
-            cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-        ),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=768),
-        text=dict(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,  # OpenCLIP-H's penultimate layer, as diffusers converts SD 2.x
-            num_attention_heads=16,
-            hidden_act="gelu",
-        ),
-        scheduler=dict(prediction_type="v_prediction"),
-    ),
-    "tiny": dict(
-        unet=dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ),
-        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
-    ),
-    "sd15-random": dict(
-        unet=dict(
-            sample_size=64,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-        ),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
-        text=dict(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            hidden_act="quick_gelu",
-        ),
+        unet=_SD15["unet"] | dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+        vae=_SD15["vae"] | dict(sample_size=768),
+        # OpenCLIP-H up to its penultimate layer, as diffusers converts SD 2.x
+        text=_SD15["text"] | dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"),
+        scheduler=_V_PREDICTION,
     ),
 }
 
