@@ -235,8 +235,10 @@ def test_an_oversized_prompt_is_refused_before_any_work_and_the_next_request_run
 
 def test_a_failed_load_outside_the_repository_leaves_the_probe_ready(shared):
     """With the admin key, a load of a name that resolves outside the model repository fails
-    in tritonserver, which then reports itself not ready for good under strict readiness
-    (2.51). The launcher's probe reports the models this deployment serves, which are fine."""
+    in tritonserver, which may then report itself not ready for good under strict readiness
+    (2.51 does on some machines and not on others: it depends on whether the failed name was
+    polled before the answer). The launcher's probe reports the models this deployment serves,
+    which are fine, either way."""
     import tritonclient.grpc as tg
     from tritonclient.utils import InferenceServerException
 
@@ -247,7 +249,7 @@ def test_a_failed_load_outside_the_repository_leaves_the_probe_ready(shared):
         admin.load_model("../../../etc", headers={GRPC_ADMIN_HEADER: shared.options.admin_key})
     admin.close()
     print(f"\nload of ../../../etc: {info.value.status()} {info.value.message()[:200]}")
-    assert http_status(f"http://{shared.http_url}/v2/health/ready") == 400  # Triton's own, as documented
+    assert http_status(f"http://{shared.http_url}/v2/health/ready") in (200, 400)  # Triton's own; not ours to pin
     assert http_status(f"http://{shared.http_url}/v2/models/stable_diffusion/ready") == 200
     assert http_status(f"{shared.health_url}/ready") == 200
     with contextlib.closing(client(shared.grpc_url)) as c:
