@@ -255,13 +255,15 @@ def _result(reply, prompt: str, negative_prompt: str | None, latency_s: float) -
     dropped = int(reply.as_numpy("PROMPT_TOKENS_DROPPED").reshape(-1)[0])
     raw = reply.as_numpy("PARAMETERS").reshape(-1)[0]
     used = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    parameters = {"prompt": prompt, "negative_prompt": negative_prompt or "", **used, "seed": seed_used}
+    # a negative prompt is recorded only when one was sent: SDXL reads none as zeros, "" as ""
+    sent = {"negative_prompt": negative_prompt} if negative_prompt is not None else {}
+    parameters = {"prompt": prompt, **sent, **used, "seed": seed_used}
     return GenerationResult(reply.as_numpy("IMAGE")[0], seed_used, latency_s, dropped, parameters)
 
 
 def save_png(result: GenerationResult, path: str | Path) -> Path:
     """Write the image as PNG with every parameter it was made with in its text chunks
-    (prompt, negative_prompt, model, seed, steps, guidance_scale, height, width, scheduler)."""
+    (prompt, negative_prompt when one was sent, model, seed, steps, guidance_scale, height, width, scheduler)."""
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()

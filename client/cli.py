@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output", default="out.png", help="PNG path, numbered when -n > 1 (default %(default)s)")
     parser.add_argument("-n", "--count", type=int, default=1, help="number of images, sent concurrently (default %(default)s)")
-    parser.add_argument("--negative", help='negative prompt (default: none, "")')
+    parser.add_argument("--negative", help='negative prompt (default: none; SD 1.x/2.x read none as "", SDXL as zeros, as diffusers does)')
     parser.add_argument("--seed", type=int, help="seed (default: random; the one used is printed and saved in the PNG)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the server's default_steps, 50 as shipped)")
     parser.add_argument("--guidance", type=float, help="guidance scale; <= 1 turns guidance off (default: the server's, 7.5 as shipped)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .hub import download
 from .model_files import ModelUnavailable
-from .offline import ARCHITECTURES, OFFLINE_MODELS, write_offline_model
+from .offline import ARCHITECTURES, OFFLINE_MODELS, is_sdxl, write_offline_model
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONV_IN = UNET + "input_blocks.0.0.weight"
@@ -158,6 +158,8 @@ def write_checkpoint(name: str, path: str | Path, cache_dir: Path) -> Path:
 
     if name not in OFFLINE_MODELS:
         raise ValueError(f"model: {name!r} is not an offline model; choose one of {', '.join(OFFLINE_MODELS)}")
+    if is_sdxl(name):
+        raise ValueError(f"model: {name!r} is SDXL, whose single-file layout is neither written nor read here; write it as a directory")
     source = write_offline_model(name, cache_dir / name)
     unet = UNet2DConditionModel.from_pretrained(str(source), subfolder="unet")
     vae = AutoencoderKL.from_pretrained(str(source), subfolder="vae")

@@ -106,8 +106,10 @@ class DeploymentConfig:
     default_width: int = 0
     """Image width when a request leaves `WIDTH` out; 0 takes the model's native size."""
 
-    default_scheduler: str = "pndm"
-    """Scheduler when a request leaves `SCHEDULER` out (PNDM is the SD 1.x default)."""
+    default_scheduler: str = "auto"
+    """Scheduler when a request leaves `SCHEDULER` out; `auto` takes the one the model's own
+    scheduler config names, as diffusers' pipeline does (PNDM for SD 1.5, Euler for SDXL;
+    PNDM where it names one not served here)."""
 
     min_size: int = 64
     """Smallest height or width a request may ask for, in pixels."""
@@ -140,9 +142,9 @@ class DeploymentConfig:
 
     def __post_init__(self) -> None:
         self.default_scheduler = self.default_scheduler.lower()
-        if self.default_scheduler not in SCHEDULER_NAMES:
+        if self.default_scheduler not in SCHEDULER_NAMES + ("auto",):
             raise ValueError(
-                f"default_scheduler: {self.default_scheduler!r} is not one of {', '.join(SCHEDULER_NAMES)}"
+                f"default_scheduler: {self.default_scheduler!r} is not one of auto, {', '.join(SCHEDULER_NAMES)}"
             )
         if self.opt_level not in OPT_LEVELS:
             raise ValueError(f"opt_level: {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")

@@ -21,7 +21,10 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
     return latents * init_sigma, generators
 
 
-def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None):
+def denoise(
+    unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None,
+    added_cond_kwargs=None,
+):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
@@ -30,7 +33,7 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
     the loop). `step_constants`, when given, is the sd_backend.fast StepConstants made from
-    this loop's `unet_timesteps` and `embeds`: it makes the UNet calls.
+    this loop's `unet_timesteps`, `embeds` and `added_cond_kwargs`: it makes the UNet calls.
     PNDM runs one more UNet step than asked for, as in diffusers.
     """
     import torch
@@ -44,7 +47,7 @@ def denoise(unet, scheduler, latents, embeds, guidance, generators, unet_timeste
                 noise = step_constants.unet_step(i, model_input)
             else:
                 unet_t = t if unet_timesteps is None else unet_timesteps[i]
-                noise = unet(model_input, unet_t, encoder_hidden_states=embeds, return_dict=False)[0]
+                noise = unet(model_input, unet_t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
             if guidance is not None:
                 uncond, cond = noise.chunk(2)
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)

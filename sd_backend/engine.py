@@ -20,12 +20,12 @@ class Engine:
 
     def latents(self, prompts: Sequence[str], negatives: Sequence[str] | None = None, **params: Any) -> list:
         """Final latents per prompt; `params` as the ensemble's inputs (seed may be a list)."""
-        negatives = list(negatives) if negatives is not None else [""] * len(prompts)
+        negatives = list(negatives) if negatives is not None else [None] * len(prompts)  # None: no NEGATIVE_PROMPT
         seeds = params.pop("seed", None)
         seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds] * len(prompts)
         encoded = self.text_encoder(prompts, negatives)
         jobs = [
-            DenoiseJob(self.unet.check(seed=seed, **params), e.prompt_embeds, e.negative_embeds)
+            DenoiseJob(self.unet.check(seed=seed, **params), e.prompt_embeds, e.negative_embeds, e.pooled, e.negative_pooled)
             for seed, e in zip(seeds, encoded)
         ]
         return self.unet(jobs)

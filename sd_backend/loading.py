@@ -58,17 +58,24 @@ def _hub_kwargs() -> dict[str, Any]:
     return {"token": token} if token else {}
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, suffix: str = ""):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **_hub_kwargs())
+    return CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{suffix}", **_hub_kwargs())
 
 
-def load_text_encoder(source: str, device, dtype):
-    from transformers import CLIPTextModel
+def load_text_encoder(source: str, device, dtype, suffix: str = ""):
+    """`text_encoder` (CLIPTextModel), or SDXL's `text_encoder_2` (CLIPTextModelWithProjection)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **_hub_kwargs())
+    kind = CLIPTextModelWithProjection if suffix == "_2" else CLIPTextModel
+    model = kind.from_pretrained(source, subfolder=f"text_encoder{suffix}", dtype=dtype, **_hub_kwargs())
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoders(source: str, device, dtype, family) -> list[tuple[Any, Any]]:
+    """(tokenizer, text encoder) of each of the family's text encoders, in diffusers' order."""
+    return [(load_tokenizer(source, s), load_text_encoder(source, device, dtype, s)) for s in family.text_encoders]
 
 
 def load_unet(source: str, device, dtype):
@@ -97,6 +104,13 @@ def vae_scale_factor(source: str) -> int:
 
     vae_config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def family(source: str):
+    """The model family of `source` (sd_backend.family), read from its own configs."""
+    from .family import read_family
+
+    return read_family(source)
 
 
 def native_size(source: str) -> int:

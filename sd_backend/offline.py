@@ -8,9 +8,13 @@
 - `tiny-v`, `sd21-random`: the same for the SD 2.x family: v-prediction, linear
   projections in the transformer blocks, head_dim 64 and an OpenCLIP-H-shaped text
   encoder in `sd21-random` (768x768 native).
+- `tiny-xl`, `sdxl-random`: the same for SDXL: two text encoders (CLIP ViT-L and an
+  OpenCLIP-bigG-shaped one with a projection), the UNet's `text_time` added embedding,
+  1024x1024 native in `sdxl-random` (2.6B UNet), Euler as its scheduler config names.
 
-Both are written so that `diffusers.StableDiffusionPipeline.from_pretrained(dir)`
-loads the very same weights the Triton models load.
+All are written so that diffusers' own pipeline (`StableDiffusionPipeline`,
+`StableDiffusionXLPipeline`) `.from_pretrained(dir)` loads the very same weights the
+Triton models load.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-OFFLINE_MODELS = ("tiny", "sd15-random", "tiny-v", "sd21-random")
+OFFLINE_MODELS = ("tiny", "sd15-random", "tiny-v", "sd21-random", "tiny-xl", "sdxl-random")
 
 # SD 1.x noise schedule and PNDM settings (the scheduler config SD 1.5 ships).
 _SCHEDULER_CONFIG = dict(
@@ -78,8 +82,9 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def _write_tokenizer(directory: Path) -> int:
-    """Write a CLIP tokenizer to `directory`; returns its vocabulary size."""
+def _write_tokenizer(directory: Path, pad_token: str = "<|endoftext|>") -> int:
+    """Write a CLIP tokenizer to `directory`; returns its vocabulary size. SDXL's second
+    tokenizer pads with "!" (OpenCLIP's token 0), its first with the end token."""
     from transformers import CLIPTokenizer
 
     vocab, merges = _tiny_vocab_and_merges()
@@ -87,7 +92,7 @@ def _write_tokenizer(directory: Path) -> int:
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tokenizer = CLIPTokenizer(
-        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=77
+        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=77, pad_token=pad_token
     )
     tokenizer.save_pretrained(str(directory))
     return len(vocab)
@@ -148,27 +153,94 @@ ARCHITECTURES = {
         scheduler=_V_PREDICTION,
     ),
 }
+# SDXL: no attention in the first block, more transformer layers deeper down, the pooled
+# embedding and the six time ids through add_embedding (in width = 6 x time dim + pooled)
+_SDXL_UNET = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+)
+ARCHITECTURES["tiny-xl"] = dict(
+    unet=_TINY["unet"] | _SDXL_UNET | dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,  # 32 + 32: both encoders' penultimate states side by side
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    ),
+    vae=_TINY["vae"],
+    text=_TINY["text"],
+    text_2=_TINY["text"] | dict(hidden_act="gelu", projection_dim=32),
+    scheduler=dict(timestep_spacing="leading"),
+)
+ARCHITECTURES["sdxl-random"] = dict(
+    unet=_SDXL_UNET | dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG)
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + 1280,
+    ),
+    vae=_SD15["vae"] | dict(sample_size=1024, scaling_factor=0.13025),
+    text=_SD15["text"],
+    text_2=_SD15["text"] | dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280
+    ),
+    scheduler=dict(timestep_spacing="leading"),
+)
 
 
-def _build(name: str, vocab_size: int, eos_id: int, bos_id: int):
-    """UNet, VAE and text encoder of offline model `name`, each from a fixed seed."""
+def is_sdxl(name: str) -> bool:
+    return "text_2" in ARCHITECTURES[name]
+
+
+def _text_encoder(arch: dict, key: str, vocab_size: int, eos_id: int, bos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text = dict(vocab_size=vocab_size) | arch[key]  # the -random models keep CLIP's full vocabulary size
+    config = CLIPTextConfig(max_position_embeddings=77, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, **text)
+    return (CLIPTextModelWithProjection if key == "text_2" else CLIPTextModel)(config)
+
+
+def _build(name: str, vocab_size: int, eos_id: int, bos_id: int) -> dict:
+    """The pipeline components of offline model `name` but its tokenizers, each from a fixed seed."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
 
     arch = ARCHITECTURES[name]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**arch["unet"])
+    parts = dict(unet=UNet2DConditionModel(**arch["unet"]))
     torch.manual_seed(1)
-    vae = AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"])
+    parts["vae"] = AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"])
     torch.manual_seed(2)
-    text = dict(vocab_size=vocab_size) | arch["text"]  # the -random models keep CLIP's full vocabulary size
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            max_position_embeddings=77, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id, **text
+    parts["text_encoder"] = _text_encoder(arch, "text", vocab_size, eos_id, bos_id)
+    scheduler = _SCHEDULER_CONFIG | arch.get("scheduler", {})
+    if is_sdxl(name):
+        torch.manual_seed(3)
+        parts["text_encoder_2"] = _text_encoder(arch, "text_2", vocab_size, eos_id, bos_id)
+        parts["scheduler"] = EulerDiscreteScheduler.from_config(scheduler)  # as SDXL ships
+    else:
+        parts["scheduler"] = PNDMScheduler(**scheduler)
+    return parts
+
+
+def _pipeline(name: str, parts: dict, tokenizers: list):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if is_sdxl(name):
+        return StableDiffusionXLPipeline(
+            **parts, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], force_zeros_for_empty_prompt=True, add_watermarker=False
         )
+    return StableDiffusionPipeline(
+        **parts, tokenizer=tokenizers[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    return unet, vae, text_encoder
 
 
 def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
@@ -177,7 +249,6 @@ def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
     Written to a temporary sibling and renamed into place, so several Triton models
     loading at once never see a half-written directory.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     if name not in OFFLINE_MODELS:
@@ -189,19 +260,12 @@ def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         vocab_size = _write_tokenizer(staging / "tokenizer")
-        tokenizer = CLIPTokenizer.from_pretrained(str(staging / "tokenizer"))
-        ids = (tokenizer.eos_token_id, tokenizer.bos_token_id)
-        unet, vae, text_encoder = _build(name, vocab_size, *ids)
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=PNDMScheduler(**_SCHEDULER_CONFIG, **ARCHITECTURES[name].get("scheduler", {})),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        tokenizers = [CLIPTokenizer.from_pretrained(str(staging / "tokenizer"))]
+        if is_sdxl(name):
+            _write_tokenizer(staging / "tokenizer_2", pad_token="!")
+            tokenizers.append(CLIPTokenizer.from_pretrained(str(staging / "tokenizer_2")))
+        ids = (tokenizers[0].eos_token_id, tokenizers[0].bos_token_id)
+        pipeline = _pipeline(name, _build(name, vocab_size, *ids), tokenizers)
         if name.endswith("-random"):
             pipeline.to(dtype=__import__("torch").float16)  # halves the 4 GB of fp32 weights on disk
         pipeline.save_pretrained(str(staging), safe_serialization=True)

@@ -12,6 +12,7 @@ import secrets
 from typing import Any
 
 from .config import SCHEDULER_NAMES, DeploymentConfig
+from .family import ModelFamily
 
 MAX_SEED = 2**63 - 1
 RANDOM_SEED = -1
@@ -69,7 +70,7 @@ def _as_int(field: str, value: Any) -> int:
 
 def check_params(
     config: DeploymentConfig,
-    native_size: int,
+    family: ModelFamily,
     *,
     seed: Any = None,
     steps: Any = None,
@@ -80,8 +81,9 @@ def check_params(
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
 
-    `native_size` is the model's own image side (512 for SD 1.5), used when neither
-    the request nor the config sets a size.
+    `family` (sd_backend.family) gives the model's own image side, used when neither the
+    request nor the config sets a size, the smallest side its family is served at, and
+    its own scheduler, for a default_scheduler of `auto`.
     """
     seed = RANDOM_SEED if seed is None else _as_int("SEED", seed)
     if seed == RANDOM_SEED:
@@ -104,14 +106,20 @@ def check_params(
         ("HEIGHT", height, config.default_height),
         ("WIDTH", width, config.default_width),
     ):
-        size = (default or native_size) if value is None else _as_int(field, value)
+        size = (default or family.native_size) if value is None else _as_int(field, value)
         if size % 8 != 0 or not config.min_size <= size <= config.max_size:
             raise ValueError(
                 f"{field}: {size} is not allowed; use a multiple of 8 from {config.min_size} to {config.max_size}"
             )
+        if size < family.min_size:
+            raise ValueError(
+                f"{field}: {size} is below this {family.name} model's minimum of {family.min_size} "
+                f"(half its native {family.native_size})"
+            )
         sizes[field] = size
 
-    scheduler = config.default_scheduler if scheduler is None else scheduler
+    if scheduler is None:
+        scheduler = family.scheduler if config.default_scheduler == "auto" else config.default_scheduler
     if isinstance(scheduler, bytes):
         scheduler = scheduler.decode("utf-8", errors="replace")
     if not isinstance(scheduler, str):

@@ -22,6 +22,11 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 assert tuple(_SCHEDULERS) == SCHEDULER_NAMES
 
 
+def name_of(class_name: str) -> str | None:
+    """The request name of diffusers' scheduler class `class_name` (None if it has none here)."""
+    return next((name for name, (cls, _) in _SCHEDULERS.items() if cls == class_name), None)
+
+
 def scheduler_class(name: str):
     import diffusers
 

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 from . import loading
 from .config import DeploymentConfig
 from .denoise import denoise, prepare_latents
+from .family import ModelFamily
 from .params import GenerationParams, check_params
+from .prompt_encoder import PromptEncoder
 from .schedulers import make_scheduler
 
 log = logging.getLogger("sd_backend")
@@ -24,11 +26,13 @@ log = logging.getLogger("sd_backend")
 
 @dataclasses.dataclass
 class EncodedPrompt:
-    """Text-encoder output for one request."""
+    """Text-encoder output for one request (sd_backend.prompt_encoder)."""
 
     prompt_embeds: Any  # (77, hidden) torch tensor
     negative_embeds: Any  # (77, hidden) torch tensor
     dropped_tokens: int  # prompt tokens cut off at the tokenizer's 77-token limit
+    pooled: Any = None  # (pooled width,): SDXL's pooled embedding of the prompt
+    negative_pooled: Any = None  # the same of the negative prompt
 
 
 @dataclasses.dataclass
@@ -38,59 +42,51 @@ class DenoiseJob:
     params: GenerationParams
     prompt_embeds: Any  # (77, hidden)
     negative_embeds: Any  # (77, hidden)
+    pooled: Any = None  # SDXL: (pooled width,)
+    negative_pooled: Any = None
 
 
 class TextEncoderStage:
-    """Tokenize and encode prompts and negative prompts with CLIP.
+    """Tokenize and encode prompts and negative prompts with the model's text encoder(s).
 
     The ensemble's first step, so it also checks the whole request (`check`) before any
     work: a bad request fails here, not after waiting in the UNet's queue.
     """
 
-    def __init__(self, config: DeploymentConfig, tokenizer, text_encoder, device, native_size: int):
+    def __init__(self, config: DeploymentConfig, encoder: PromptEncoder, device):
         self.config = config
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        self.encoder = encoder
+        self.family = encoder.family
         self.device = device
-        self.native_size = native_size
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
         source, device, dtype = loading.placement(config, instance_device)
-        text_encoder = loading.load_text_encoder(source, device, dtype)
-        return cls(config, loading.load_tokenizer(source), text_encoder, device, loading.native_size(source))
+        family = loading.family(source)
+        return cls(config, PromptEncoder(loading.load_text_encoders(source, device, dtype, family), family), device)
 
     def check(self, **raw) -> GenerationParams:
         """The request's generation parameters as the UNet stage will check them (raises ValueError)."""
-        return check_params(self.config, self.native_size, **raw)
+        return check_params(self.config, self.family, **raw)
 
-    def count_dropped_tokens(self, prompt: str) -> int:
-        """Tokens past the 77-token limit that truncation removes (diffusers warns of the same)."""
-        full = len(self.tokenizer(prompt, truncation=False).input_ids)
-        return max(0, full - self.tokenizer.model_max_length)
-
-    def _encode(self, texts: Sequence[str]):
+    def __call__(self, prompts: Sequence[str], negatives: Sequence[str | None]) -> list[EncodedPrompt]:
+        """A negative of None is an absent NEGATIVE_PROMPT: "" as diffusers takes it, or
+        zeros where the model asks for them (SDXL's force_zeros_for_empty_prompt)."""
         import torch
 
-        ids = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        with torch.inference_mode():
-            return self.text_encoder(ids.to(self.device))[0]  # (n, 77, hidden)
-
-    def __call__(self, prompts: Sequence[str], negatives: Sequence[str]) -> list[EncodedPrompt]:
-        embeds = self._encode(list(prompts) + list(negatives))
-        n = len(prompts)
-        results = []
-        for i, prompt in enumerate(prompts):
-            dropped = self.count_dropped_tokens(prompt)
+        zero = self.family.zero_negative
+        texts = list(prompts) + [n or "" for n in negatives if not (zero and n is None)]
+        embeds, pooled = self.encoder(texts)
+        results, row = [], len(prompts)
+        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+            if zero and negative is None:
+                neg_embeds, neg_pooled = torch.zeros_like(embeds[i]), torch.zeros_like(pooled[i])
+            else:
+                neg_embeds, neg_pooled, row = embeds[row], pooled[row], row + 1
+            dropped = self.encoder.dropped_tokens(prompt)
             if dropped:
-                log.warning("prompt truncated to %d tokens: %d dropped", self.tokenizer.model_max_length, dropped)
-            results.append(EncodedPrompt(embeds[i], embeds[n + i], dropped))
+                log.warning("prompt truncated to %d tokens: %d dropped", self.encoder.max_tokens, dropped)
+            results.append(EncodedPrompt(embeds[i], neg_embeds, dropped, pooled[i], neg_pooled))
         return results
 
 
@@ -101,14 +97,14 @@ class UNetStage:
     each group runs as one batch (split at the largest batch bucket).
     """
 
-    def __init__(self, config: DeploymentConfig, unet, scheduler_config, vae_scale: int, device, dtype, native_size: int):
+    def __init__(self, config: DeploymentConfig, unet, scheduler_config, vae_scale: int, device, dtype, family: ModelFamily):
         self.config = config
         self.unet = unet
         self.scheduler_config = scheduler_config
         self.vae_scale = vae_scale
         self.device = device
         self.dtype = dtype
-        self.native_size = native_size
+        self.family = family
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
@@ -118,8 +114,8 @@ class UNetStage:
         loop that runs step by step, as the streaming model's does)."""
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
-        scale, native = loading.vae_scale_factor(source), loading.native_size(source)
-        stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, native)
+        scale, family = loading.vae_scale_factor(source), loading.family(source)
+        stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, family)
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
@@ -128,7 +124,7 @@ class UNetStage:
 
     def check(self, **raw) -> GenerationParams:
         """Fill defaults and check one request's parameters (raises ValueError)."""
-        return check_params(self.config, self.native_size, **raw)
+        return check_params(self.config, self.family, **raw)
 
     def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
         """One latent tensor (1, 4, h, w) per job, in order."""
@@ -157,32 +153,60 @@ class UNetStage:
         latents, generators = prepare_latents(
             params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
         )
-        # inputs may sit on another GPU (the text encoder's instance): move each, then stack
-        embeds = torch.stack([job.prompt_embeds.to(self.device, self.dtype) for job in jobs])
+        embeds, added = self.conditioning(jobs)
         guidance = None
         if first.uses_guidance:
-            negatives = torch.stack([job.negative_embeds.to(self.device, self.dtype) for job in jobs])
-            embeds = torch.cat([negatives, embeds])  # (2B, 77, hidden): unconditional first, as diffusers
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
         captured = self.graphs.find(first, len(jobs)) if self.graphs is not None and callback is None else None
         if captured is not None:
-            return captured.run(latents, embeds, guidance, generators)
-        return denoise(self.unet, scheduler, latents, embeds, guidance, generators, callback=callback)
+            return captured.run(latents, embeds, guidance, generators, added)
+        return denoise(self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added)
+
+    def conditioning(self, jobs: Sequence[DenoiseJob]):
+        """(encoder_hidden_states, added_cond_kwargs) of one group's UNet calls, as diffusers'
+        pipelines build them: rows negatives first, then prompts, when the group uses guidance.
+        added_cond_kwargs is SDXL's pooled text_embeds and time ids (None for SD 1.x/2.x):
+        original size = target size = (HEIGHT, WIDTH), crop top-left (0, 0), the same for
+        the negative rows, diffusers' defaults."""
+        import torch
+
+        def rows(field: str, negative_field: str):
+            # inputs may sit on another GPU (the text encoder's instance): move each, then stack
+            fields = (negative_field, field) if jobs[0].params.uses_guidance else (field,)
+            return torch.cat([torch.stack([getattr(job, f).to(self.device, self.dtype) for job in jobs]) for f in fields])
+
+        embeds = rows("prompt_embeds", "negative_embeds")
+        if not self.family.is_sdxl:
+            return embeds, None
+        p = jobs[0].params
+        time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], device=self.device, dtype=self.dtype)
+        return embeds, {"text_embeds": rows("pooled", "negative_pooled"), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
 
 
 class VAEStage:
-    """Decode latents to uint8 RGB images."""
+    """Decode latents to uint8 RGB images.
 
-    def __init__(self, vae, device, dtype):
+    SDXL as diffusers' SDXL pipeline decodes it: in float32 when the VAE's config says
+    force_upcast (SDXL's VAE overflows in float16), and denormalized with the VAE's
+    latents_mean/latents_std where its config has them."""
+
+    def __init__(self, vae, device, dtype, family: ModelFamily | None = None):
         self.vae = vae
         self.device = device
         self.dtype = dtype
+        self.sdxl = family is not None and family.is_sdxl
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched VAE
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
+        import torch
+
         source, device, dtype = loading.placement(config, instance_device)
-        stage = cls(loading.load_vae(source, device, dtype), device, dtype)
+        family = loading.family(source)
+        vae = loading.load_vae(source, device, dtype)
+        if family.is_sdxl and dtype == torch.float16 and vae.config.force_upcast:
+            vae, dtype = vae.to(torch.float32), torch.float32
+        stage = cls(vae, device, dtype, family)
         if str(device).startswith("cuda"):
             if config.opt_level != "eager":
                 from .fast.levels import optimize_vae_stage
@@ -222,10 +246,20 @@ class VAEStage:
         for indices in by_shape.values():
             batch = torch.cat([latents[i].to(self.device, self.dtype) for i in indices])
             with torch.inference_mode():
-                images = self.vae.decode(batch / self.vae.config.scaling_factor, return_dict=False)[0]
+                images = self.vae.decode(self._denormalize(batch), return_dict=False)[0]
             # diffusers' postprocess: denormalize and clamp, float32 NHWC, then round to uint8
             images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
             images = (images * 255).round().astype("uint8")
             for i, image in zip(indices, images):
                 results[i] = image
         return results
+
+    def _denormalize(self, latents):
+        import torch
+
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if self.sdxl and mean is not None and std is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+            return latents * std / cfg.scaling_factor + mean
+        return latents / cfg.scaling_factor

@@ -32,12 +32,12 @@ def read_text(pb, request, name: str, required: bool = False, max_bytes: int | N
         raise ValueError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start}); send UTF-8 text") from None
 
 
-def read_prompts(pb, request, max_bytes: int) -> tuple[str, str]:
-    """(PROMPT, NEGATIVE_PROMPT or ""): PROMPT is required, both at most `max_bytes` long.
+def read_prompts(pb, request, max_bytes: int) -> tuple[str, str | None]:
+    """(PROMPT, NEGATIVE_PROMPT or None when absent): PROMPT is required, both at most `max_bytes` long.
     Triton declares PROMPT optional: an ensemble input it calls required but a request leaves
     out deadlocks the ensemble instead of failing it (2.51), so the check is here."""
     prompt = read_text(pb, request, "PROMPT", required=True, max_bytes=max_bytes)
-    negative = read_text(pb, request, "NEGATIVE_PROMPT", max_bytes=max_bytes) or ""
+    negative = read_text(pb, request, "NEGATIVE_PROMPT", max_bytes=max_bytes)
     return prompt, negative
 
 
@@ -52,6 +52,9 @@ def read_scalar(pb, request, name: str) -> Any:
         raise ValueError(f"{name}: {values.size} elements given; exactly one value is allowed")
     return values[0].item()
 
+
+# the text encoder's outputs the UNet is conditioned on, in DenoiseJob's field order
+CONDITIONING = ("PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "POOLED_EMBEDS", "NEGATIVE_POOLED_EMBEDS")
 
 # the ensemble's numeric generation inputs and the keyword each has in check_params
 GENERATION_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}

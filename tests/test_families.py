@@ -1,6 +1,8 @@
 """Model families beyond SD 1.x, read from the model directory itself: SD 2.x (v-prediction,
-linear projections; `tiny-v` offline) served by a real tritonserver, its images equal to
-diffusers' StableDiffusionPipeline on the same weights, seed and scheduler, to the bit."""
+linear projections; `tiny-v` offline) and SDXL (two text encoders, pooled embedding, time
+ids; `tiny-xl` offline) served by a real tritonserver, their images equal to diffusers'
+StableDiffusionPipeline and StableDiffusionXLPipeline on the same weights, seed and
+scheduler, to the bit."""
 
 from __future__ import annotations
 
@@ -69,3 +71,105 @@ def test_sd21_native_size_and_prediction_come_from_its_files(tmp_path):
     assert unet["use_linear_projection"] and unet["cross_attention_dim"] == 1024
     scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_dir(cache_dir):
+    from sd_backend.offline import write_offline_model
+
+    return write_offline_model("tiny-xl", cache_dir / "tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(cache_dir, tiny_xl_dir, tmp_path_factory):
+    with running_server(cache_dir, tmp_path_factory.mktemp("tiny-xl"), env={"SD_MODEL": "tiny-xl"}) as server:
+        c = client(server.grpc_url)
+        yield c
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_pipeline(tiny_xl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_xl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sdxl_reference(pipe, scheduler: str, prompt: str, negative, seed: int, steps: int, guidance: float):
+    import torch
+
+    from sd_backend.schedulers import make_scheduler
+
+    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    image = pipe(
+        prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), output_type="np",
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_sdxl_images_match_diffusers(tiny_xl, tiny_xl_pipeline, scheduler):
+    guidance = 1.0 if scheduler == "lcm" else 5.0  # few-step: no unconditional branch
+    result = tiny_xl.generate("a watercolor fox", negative_prompt="blurry", seed=8, steps=4, guidance_scale=guidance, scheduler=scheduler)
+    expected = _sdxl_reference(tiny_xl_pipeline, scheduler, "a watercolor fox", "blurry", 8, 4, guidance)
+    assert result.image.shape == expected.shape == (64, 64, 3)
+    assert_same_image(result.image, expected, max_diff=0)
+
+
+def test_sdxl_without_a_negative_prompt_is_diffusers_zeros_and_defaults_come_from_the_model(tiny_xl, tiny_xl_pipeline):
+    """No NEGATIVE_PROMPT is SDXL's force_zeros_for_empty_prompt (zeros, not the embedding of
+    ""); size and scheduler default to the model's own (its UNet/VAE: 64; its config: Euler)."""
+    result = tiny_xl.generate("a lighthouse at night", seed=5, steps=4, guidance_scale=5.0)
+    assert (result.parameters["height"], result.parameters["width"], result.parameters["scheduler"]) == (64, 64, "euler")
+    assert result.parameters["model"] == "tiny-xl"
+    expected = _sdxl_reference(tiny_xl_pipeline, "euler", "a lighthouse at night", None, 5, 4, 5.0)
+    assert_same_image(result.image, expected, max_diff=0)
+    empty = tiny_xl.generate("a lighthouse at night", negative_prompt="", seed=5, steps=4, guidance_scale=5.0)
+    assert_same_image(empty.image, _sdxl_reference(tiny_xl_pipeline, "euler", "a lighthouse at night", "", 5, 4, 5.0), max_diff=0)
+    assert not np.array_equal(empty.image, result.image)  # the two are different requests
+
+
+def test_sdxl_batched_requests_each_get_their_own_image(tiny_xl, tiny_xl_pipeline):
+    """Concurrent requests batch in the UNet (pooled embeddings and time ids stacked by row).
+    Against diffusers run alone: a batch's GEMMs round differently (tests/utils.MAX_PIXEL_DIFF)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["a red cube", "a blue sphere", "a green cone"]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: tiny_xl.generate(prompts[i], seed=30 + i, steps=3, guidance_scale=5.0), range(3)))
+    for i, result in enumerate(results):
+        assert_same_image(result.image, _sdxl_reference(tiny_xl_pipeline, "euler", prompts[i], None, 30 + i, 3, 5.0))
+
+
+def test_sdxl_streams_the_ensembles_image(tiny_xl):
+    seen = []
+    streamed = tiny_xl.stream("a paper boat", seed=2, steps=3, guidance_scale=5.0, on_progress=seen.append)
+    assert_same_image(streamed.image, tiny_xl.generate("a paper boat", seed=2, steps=3, guidance_scale=5.0).image, max_diff=0)
+    assert len(seen) >= 3
+
+
+def test_sdxl_family_is_read_from_its_files(tiny_xl_dir, tmp_path):
+    import json
+    import shutil
+
+    from sd_backend.family import read_family
+
+    family = read_family(str(tiny_xl_dir))
+    assert (family.name, family.native_size, family.pooled_dim, family.zero_negative, family.scheduler) == ("sdxl", 64, 32, True, "euler")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_xl_dir, broken)
+    config = json.loads((broken / "text_encoder_2" / "config.json").read_text())
+    (broken / "text_encoder_2" / "config.json").write_text(json.dumps(config | {"projection_dim": 16}))
+    with pytest.raises(ValueError, match="text_encoder_2 projects to 16 but the UNet's add_embedding expects a pooled embedding of 32"):
+        read_family(str(broken))
+
+
+def test_sdxl_is_not_written_as_a_single_file_it_could_not_read(tmp_path):
+    from sd_backend.checkpoints import write_checkpoint
+
+    with pytest.raises(ValueError, match="'tiny-xl' is SDXL, whose single-file layout is neither written nor read here"):
+        write_checkpoint("tiny-xl", tmp_path / "xl.safetensors", tmp_path)
+    assert not any(tmp_path.iterdir())

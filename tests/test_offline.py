@@ -41,7 +41,7 @@ def test_stages_load_the_weights_diffusers_loads(tiny_dir, reference_pipeline):
     theirs = reference_pipeline.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert stage.native_size == 64
+    assert stage.family.native_size == 64
 
 
 def test_unknown_model_spec_is_a_clear_error():

@@ -7,20 +7,22 @@ import math
 import pytest
 
 from sd_backend.config import DeploymentConfig, FastPathOptions
+from sd_backend.family import ModelFamily
 from sd_backend.params import MAX_SEED, check_params
 
 CONFIG = DeploymentConfig(default_steps=30, default_guidance=7.5, max_size=512)
+SD64 = ModelFamily("sd1", 64, "epsilon")  # tiny's native size and scheduler (PNDM)
 
 
 def test_omitted_parameters_take_the_defaults():
-    params = check_params(CONFIG, 64)
+    params = check_params(CONFIG, SD64)
     assert (params.steps, params.guidance, params.height, params.width, params.scheduler) == (30, 7.5, 64, 64, "pndm")
     assert 0 <= params.seed <= MAX_SEED
 
 
 def test_config_size_overrides_native_size():
     config = DeploymentConfig(default_height=128, default_width=96)
-    params = check_params(config, 512)
+    params = check_params(config, ModelFamily("sd1", 512, "epsilon"))
     assert (params.height, params.width) == (128, 96)
 
 
@@ -42,26 +44,26 @@ def test_config_size_overrides_native_size():
 )
 def test_bad_parameters_name_field_value_and_allowed(raw, words):
     with pytest.raises(ValueError) as info:
-        check_params(CONFIG, 64, **raw)
+        check_params(CONFIG, SD64, **raw)
     for word in words:
         assert word in str(info.value)
 
 
 def test_guidance_at_most_one_turns_off_classifier_free_guidance():
-    assert not check_params(CONFIG, 64, guidance=1.0).uses_guidance
-    assert check_params(CONFIG, 64, guidance=1.5).uses_guidance
+    assert not check_params(CONFIG, SD64, guidance=1.0).uses_guidance
+    assert check_params(CONFIG, SD64, guidance=1.5).uses_guidance
 
 
 def test_group_key_separates_what_cannot_share_a_batch():
-    a = check_params(CONFIG, 64, seed=1, steps=10)
-    b = check_params(CONFIG, 64, seed=2, steps=10, guidance=3.0)
-    c = check_params(CONFIG, 64, seed=1, steps=10, scheduler="ddim")
+    a = check_params(CONFIG, SD64, seed=1, steps=10)
+    b = check_params(CONFIG, SD64, seed=2, steps=10, guidance=3.0)
+    c = check_params(CONFIG, SD64, seed=1, steps=10, scheduler="ddim")
     assert a.group_key() == b.group_key()
     assert a.group_key() != c.group_key()
 
 
 def test_scheduler_name_is_case_insensitive_and_bytes_accepted():
-    assert check_params(CONFIG, 64, scheduler=b"Euler_A").scheduler == "euler_a"
+    assert check_params(CONFIG, SD64, scheduler=b"Euler_A").scheduler == "euler_a"
 
 
 def test_config_from_settings_with_environment_override():
@@ -131,3 +133,20 @@ def test_deepspeed_arch_list_drops_arch_specific_suffixes():
 
 def test_opt_level_deepspeed_is_a_choice():
     assert DeploymentConfig(opt_level="deepspeed").opt_level == "deepspeed"
+
+
+def test_sdxl_refuses_sizes_below_half_its_native_side():
+    sdxl = ModelFamily("sdxl", 1024, "epsilon", pooled_dim=1280, scheduler="euler")
+    config = DeploymentConfig()
+    assert check_params(config, sdxl).height == 1024  # the model's own size by default
+    assert check_params(config, sdxl, height=512, width=768).height == 512
+    with pytest.raises(ValueError) as info:
+        check_params(config, sdxl, height=448)
+    assert str(info.value) == "HEIGHT: 448 is below this sdxl model's minimum of 512 (half its native 1024)"
+
+
+def test_the_default_scheduler_is_the_models_own_unless_the_deployment_names_one():
+    sdxl = ModelFamily("sdxl", 1024, "epsilon", pooled_dim=1280, scheduler="euler")
+    assert check_params(DeploymentConfig(), sdxl).scheduler == "euler"
+    assert check_params(DeploymentConfig(default_scheduler="DDIM"), sdxl).scheduler == "ddim"
+    assert check_params(DeploymentConfig(), sdxl, scheduler="pndm").scheduler == "pndm"

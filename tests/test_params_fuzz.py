@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sd_backend.config import SCHEDULER_NAMES, DeploymentConfig
+from sd_backend.family import ModelFamily
 from sd_backend.params import MAX_SEED, check_params
 
 CONFIG = DeploymentConfig()
@@ -30,7 +31,7 @@ anything = st.one_of(
 @given(st.fixed_dictionaries({}, optional={name: anything for name in FIELDS}))
 def test_any_input_is_checked_or_named_in_a_value_error(raw):
     try:
-        params = check_params(CONFIG, 512, **raw)
+        params = check_params(CONFIG, ModelFamily("sd1", 512, "epsilon"), **raw)
     except ValueError as err:
         assert any(field in str(err) for field in FIELDS.values()), str(err)
         return

@@ -72,7 +72,14 @@ class CapturedLoop:
         hidden = unet.config.cross_attention_dim
         # static inputs, filled before each replay
         self.latents = torch.randn(latent_shape, device=device, dtype=dtype)
-        self.embeds = torch.randn(((2 if self.cfg else 1) * bucket, 77, hidden), device=device, dtype=dtype)
+        rows = (2 if self.cfg else 1) * bucket
+        self.embeds = torch.randn((rows, 77, hidden), device=device, dtype=dtype)
+        self.added = None  # SDXL's added_cond_kwargs
+        if stage.family.is_sdxl:
+            self.added = {
+                "text_embeds": torch.randn((rows, stage.family.pooled_dim), device=device, dtype=dtype),
+                "time_ids": torch.full((rows, 6), float(params.height), device=device, dtype=dtype),
+            }
         self.guidance = torch.full((bucket, 1, 1, 1), 7.5, device=device) if self.cfg else None
         self.noise = torch.randn((params.steps,) + latent_shape, device=device, dtype=dtype)
         if self.scheduler_name not in _NOISY:
@@ -97,30 +104,25 @@ class CapturedLoop:
 
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
         scheduler.set_timesteps(self.steps, device="cpu")  # CPU: coefficients become constants
-        constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds) if self.hoist else None
+        constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds, self.added) if self.hoist else None
         with _noise_from(scheduler, list(self.noise.unbind(0))):
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
-                step_constants=constants,
+                step_constants=constants, added_cond_kwargs=self.added,
             )
 
-    def run(self, latents, embeds, guidance, generators: Sequence):
+    def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None):
         """Replay for n <= bucket images; returns (n, 4, h, w)."""
         n = latents.shape[0]
-        self.latents[:n].copy_(latents)
-        if n < self.bucket:  # pad the bucket with copies of the first image (their output is dropped)
-            self.latents[n:].copy_(latents[:1].expand(self.bucket - n, -1, -1, -1))
+        # pad the bucket with copies of the first image (their output is dropped)
+        _fill(self.latents, latents, n, 1)
+        halves = 2 if self.cfg else 1  # conditioning rows: negatives then prompts, each padded alike
+        _fill(self.embeds, embeds, n, halves)
+        for name, static in (self.added or {}).items():
+            _fill(static, added_cond_kwargs[name], n, halves)
         if self.cfg:
-            negatives, prompts = embeds.chunk(2)
-            for half, source in ((0, negatives), (1, prompts)):
-                rows = self.embeds[half * self.bucket : (half + 1) * self.bucket]
-                rows[:n].copy_(source)
-                rows[n:].copy_(source[:1].expand(self.bucket - n, -1, -1))
             self.guidance[:n].copy_(guidance)
             self.guidance[n:].fill_(1.0)
-        else:
-            self.embeds[:n].copy_(embeds)
-            self.embeds[n:].copy_(embeds[:1].expand(self.bucket - n, -1, -1))
         if self.scheduler_name in _NOISY:
             self.noise[:, :n].copy_(self._draw_noise(generators, n))
         self.graph.replay()
@@ -136,6 +138,16 @@ class CapturedLoop:
             for _ in range(self.steps)
         ]
         return torch.stack(per_step).to(self.latents.device, non_blocking=True)
+
+
+def _fill(static, given, n: int, halves: int) -> None:
+    """Copy `given` ((halves x n, ...)) into `static` ((halves x bucket, ...)), each half's
+    rows past n repeating that half's first."""
+    bucket = static.shape[0] // halves
+    for half, source in enumerate(given.chunk(halves)):
+        rows = static[half * bucket : (half + 1) * bucket]
+        rows[:n].copy_(source)
+        rows[n:].copy_(source[:1].expand((bucket - n,) + tuple(source.shape[1:])))
 
 
 class LoopGraphs:

@@ -34,14 +34,16 @@ class StepConstants:
     unet: a UNet2DConditionModel patched by sd_backend.fast.modules.patch_model.
     timesteps: (steps,) device tensor, the UNet's timestep of each step.
     embeds: the encoder_hidden_states of every UNet call of the loop, (batch, 77, hidden).
+    added_cond_kwargs: SDXL's text_embeds and time_ids of every call (None for SD 1.x/2.x).
     """
 
-    def __init__(self, unet, timesteps: torch.Tensor, embeds: torch.Tensor):
+    def __init__(self, unet, timesteps: torch.Tensor, embeds: torch.Tensor, added_cond_kwargs: dict | None = None):
         if timesteps.dim() != 1:
             raise ValueError(f"StepConstants: timesteps.shape is {tuple(timesteps.shape)}; allowed: (steps,)")
         self.unet = unet
         self.timesteps = timesteps
         self.embeds = embeds
+        self.added_cond_kwargs = added_cond_kwargs
         self._tables: list[tuple[object, str, torch.Tensor]] = []  # (owner, attribute, (steps, ...) table)
         self._constants: list[tuple[object, str, object]] = []  # (owner, attribute, the same value at every step)
         with torch.inference_mode():
@@ -72,7 +74,9 @@ class StepConstants:
         for owner, name, value in self._constants:
             setattr(owner, name, value)
         try:
-            return self.unet(sample, self.timesteps[step], encoder_hidden_states=self.embeds, return_dict=False)[0]
+            return self.unet(
+                sample, self.timesteps[step], encoder_hidden_states=self.embeds, added_cond_kwargs=self.added_cond_kwargs, return_dict=False
+            )[0]
         finally:
             for owner, name, _ in self._tables + self._constants:
                 setattr(owner, name, None)

@@ -14,6 +14,20 @@ def tiny_unet():
     return UNet2DConditionModel(**ARCHITECTURES["tiny"]["unet"]).eval()  # the offline tiny model's UNet
 
 
+def tiny_xl_unet():
+    from sd_backend.offline import ARCHITECTURES
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**ARCHITECTURES["tiny-xl"]["unet"]).eval()  # the offline tiny-xl model's UNet
+
+
+def sdxl_added_cond(batch: int, device, dtype) -> dict:
+    """SDXL's added_cond_kwargs for tiny-xl: pooled text embeddings and the six time ids."""
+    g = torch.Generator().manual_seed(5)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1)
+    return {"text_embeds": torch.randn(batch, 32, generator=g).to(device, dtype), "time_ids": time_ids.to(device, dtype)}
+
+
 def tiny_vae():
     torch.manual_seed(0)
     return AutoencoderKL(

@@ -237,3 +237,21 @@ def test_patch_imports_and_runs_on_cpu_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_patched_sdxl_unet_is_exact_on_cpu():
+    """tiny-xl's UNet (text_time added embedding, linear projections, two-layer transformer
+    blocks) patched: off the kernel devices every module computes as diffusers' does."""
+    from tests.fast.models import sdxl_added_cond, tiny_xl_unet
+
+    unet = tiny_xl_unet()
+    patched = copy.deepcopy(unet)
+    counts = patch_model(patched, FastPath())
+    assert counts["layer_norm"] > 0 and counts["attention"] > 0
+    g = torch.Generator().manual_seed(6)
+    sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+    added = sdxl_added_cond(2, "cpu", torch.float32)
+    with torch.no_grad():
+        ours = patched(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        theirs = unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    assert torch.equal(ours, theirs)

@@ -173,3 +173,28 @@ def test_denoise_lines_its_steps_up_with_the_tables(unet):
     error = rel_l2(run(True), expected)
     assert error <= calls * ONE_CALL, (error, calls * ONE_CALL)
     assert rel_l2(run(True, roll=True), expected) > 2 * calls * ONE_CALL, "a wrong table row would pass this test"
+
+
+def test_sdxl_loops_hoist_the_text_keys_and_values_and_pass_the_added_conditioning():
+    """tiny-xl's UNet: its time embedding adds the pooled text and time ids (no time table,
+    as time_table_applies says), the cross-attention keys and values are made once, and
+    every call gets the added_cond_kwargs. Kernels under the interpreter off CUDA."""
+    from tests.fast.models import sdxl_added_cond, tiny_xl_unet
+
+    options = FastPathOptions(kernel_dispatch="always")
+    unet = tiny_xl_unet().to(DEVICE, DTYPE)
+    patch_model(unet, FastPath(options) if ON_CUDA else cpu_kernels(options))
+    assert not sc.time_table_applies(unet)
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE, DTYPE)
+    context = torch.randn(2, 77, 64, generator=g).to(DEVICE, DTYPE)
+    added = sdxl_added_cond(2, DEVICE, DTYPE)
+    with torch.inference_mode():
+        every_step = torch.stack([unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added).sample for t in TIMESTEPS])
+    constants = StepConstants(unet, TIMESTEPS, context, added)
+    assert not constants._tables and constants._constants  # k/v hoisted, no time tables
+    hoisted = _hoisted(constants, sample)
+    error = rel_l2(hoisted, every_step)
+    assert error <= ONE_CALL, (error, ONE_CALL)
+    other = {"text_embeds": added["text_embeds"].flip(0), "time_ids": added["time_ids"]}  # each image the other's pooled text
+    assert rel_l2(_hoisted(StepConstants(unet, TIMESTEPS, context, other), sample), every_step) > 2 * ONE_CALL

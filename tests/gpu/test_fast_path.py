@@ -18,10 +18,18 @@ def rel_l2(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.fixture(scope="module", params=[(), FastPathOptions().kernels], ids=["graphs", "kernels"])
-def stage(request, tiny_dir):
-    options = FastPathOptions(kernels=request.param)
-    config = DeploymentConfig(model=str(tiny_dir), opt_level="triton", fast_path=options, batch_buckets=(1, 4))
+@pytest.fixture(
+    scope="module",
+    params=[("tiny", ()), ("tiny", FastPathOptions().kernels), ("tiny-xl", FastPathOptions().kernels)],
+    ids=["graphs", "kernels", "sdxl-kernels"],
+)
+def stage(request, cache_dir):
+    from sd_backend.offline import write_offline_model
+
+    model, kernels = request.param
+    options = FastPathOptions(kernels=kernels)
+    model_dir = write_offline_model(model, cache_dir / model)
+    config = DeploymentConfig(model=str(model_dir), opt_level="triton", fast_path=options, batch_buckets=(1, 4))
     stage = UNetStage.from_config(config)
     for name in SCHEDULER_NAMES:
         stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=name), (1, 4))
@@ -34,7 +42,9 @@ def _jobs(stage, scheduler, seeds, guidance=7.5):
     for s in seeds:
         gen = torch.Generator().manual_seed(s)  # the prompt embeddings belong to the seed too
         params = stage.check(seed=s, steps=STEPS, scheduler=scheduler, guidance=guidance)
-        jobs.append(DenoiseJob(params, torch.randn(77, hidden, generator=gen), torch.randn(77, hidden, generator=gen)))
+        embeds = [torch.randn(77, hidden, generator=gen) for _ in range(2)]
+        pooled = [torch.randn(stage.family.pooled_dim, generator=gen) for _ in range(2)] if stage.family.is_sdxl else []
+        jobs.append(DenoiseJob(params, *embeds, *pooled))
     return jobs
 
 

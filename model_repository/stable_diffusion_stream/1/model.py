@@ -62,8 +62,8 @@ class TritonPythonModel:
             raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")
 
         texts = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in ("PROMPT", "NEGATIVE_PROMPT")) if t]
-        encoded = _call("text_encoder", texts, ["PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "PROMPT_TOKENS_DROPPED"])
-        job = DenoiseJob(params, io.to_torch(encoded["PROMPT_EMBEDS"])[0], io.to_torch(encoded["NEGATIVE_EMBEDS"])[0])
+        encoded = _call("text_encoder", texts, [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
+        job = DenoiseJob(params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING))
 
         def send(step, total, preview):
             outputs = [

@@ -35,6 +35,8 @@ class TritonPythonModel:
                     io.from_torch(pb_utils, "PROMPT_EMBEDS", encoded.prompt_embeds.float()[None]),
                     io.from_torch(pb_utils, "NEGATIVE_EMBEDS", encoded.negative_embeds.float()[None]),
                     pb_utils.Tensor("PROMPT_TOKENS_DROPPED", np.array([[encoded.dropped_tokens]], np.int32)),
+                    io.from_torch(pb_utils, "POOLED_EMBEDS", encoded.pooled.float()[None]),
+                    io.from_torch(pb_utils, "NEGATIVE_POOLED_EMBEDS", encoded.negative_pooled.float()[None]),
                 ]
             )
 

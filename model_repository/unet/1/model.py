@@ -23,9 +23,8 @@ class TritonPythonModel:
     def execute(self, requests):
         def parse(request):
             params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
-            embeds = io.to_torch(pb_utils.get_input_tensor_by_name(request, "PROMPT_EMBEDS"))[0]
-            negative = io.to_torch(pb_utils.get_input_tensor_by_name(request, "NEGATIVE_EMBEDS"))[0]
-            return DenoiseJob(params, embeds, negative)
+            inputs = [io.to_torch(pb_utils.get_input_tensor_by_name(request, name))[0] for name in io.CONDITIONING]
+            return DenoiseJob(params, *inputs)
 
         def reply(job, latents):
             self.metrics.add("steps", job.params.steps)

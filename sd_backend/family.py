@@ -1,0 +1,75 @@
+"""Which Stable Diffusion family a model directory holds, read from its own configs.
+
+No setting names the family, so none can be set wrong: the UNet's `addition_embed_type`
+"text_time" is SDXL (two text encoders, pooled embedding, micro-conditioning time ids);
+otherwise one CLIP text encoder (SD 1.x, or SD 2.x when its cross-attention width is
+OpenCLIP-H's). The scheduler config gives the prediction type and the UNet's sample size
+times the VAE's scale the native image side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .schedulers import name_of
+
+SDXL_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str  # "sd1", "sd2" or "sdxl"
+    native_size: int  # the model's own image side in pixels
+    prediction_type: str  # "epsilon" or "v_prediction"
+    pooled_dim: int = 0  # SDXL: width of text_encoder_2's projected (pooled) embedding
+    zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: no NEGATIVE_PROMPT is zeros, not ""
+    scheduler: str = "pndm"  # the request name of the scheduler its own config names (PNDM if none here)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.name == "sdxl"
+
+    @property
+    def min_size(self) -> int:
+        """The smallest side this family is served at: SDXL falls apart below half its
+        native side (diffusers' docs: below 512 for 1024-native SDXL), so it is refused there."""
+        return self.native_size // 2 if self.is_sdxl else 0
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The (tokenizer, text encoder) subfolder suffixes: "" and, for SDXL, "_2"."""
+        return ("", "_2") if self.is_sdxl else ("",)
+
+
+def _config(source: Path, folder: str, name: str = "config.json") -> dict:
+    path = source / folder / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"model: {source} has no {folder}/{name}; it is not a diffusers Stable Diffusion directory") from None
+
+
+def read_family(source: str) -> ModelFamily:
+    """The family of the diffusers directory `source` (raises ValueError naming what is inconsistent)."""
+    root = Path(source)
+    unet, vae = _config(root, "unet"), _config(root, "vae")
+    scheduler = _config(root, "scheduler", "scheduler_config.json")
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    prediction = scheduler.get("prediction_type", "epsilon")
+    own = name_of(scheduler.get("_class_name", "")) or "pndm"
+    if unet.get("addition_embed_type") == "text_time":
+        text_2 = _config(root, "text_encoder_2")
+        pooled = text_2.get("projection_dim", 0)
+        expected = unet["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet["addition_time_embed_dim"]
+        if pooled != expected:
+            raise ValueError(
+                f"model: {source}: text_encoder_2 projects to {pooled} but the UNet's add_embedding expects "
+                f"a pooled embedding of {expected} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)"
+            )
+        index = _config(root, ".", "model_index.json")
+        return ModelFamily("sdxl", native, prediction, pooled, bool(index.get("force_zeros_for_empty_prompt", True)), own)
+    if unet.get("addition_embed_type") is not None:
+        raise ValueError(f"model: {source}: the UNet's addition_embed_type {unet['addition_embed_type']!r} is not served; allowed: none (SD 1.x/2.x) or 'text_time' (SDXL)")
+    return ModelFamily("sd2" if unet.get("cross_attention_dim") == 1024 else "sd1", native, prediction, scheduler=own)
