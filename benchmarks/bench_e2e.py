@@ -2,7 +2,8 @@
 
     python benchmarks/bench_e2e.py [--model sd15-random] [--systems eager,triton,compile]
 
-Systems: `eager` (diffusers' StableDiffusionPipeline as it is), `compile` (the same with
+Systems: `eager` (diffusers' own pipeline for the model as it is: StableDiffusionPipeline,
+or StableDiffusionXLPipeline for SDXL), `compile` (the same with
 a channels-last UNet under torch.compile(mode="reduce-overhead")), `graphs` (this
 project's stages with the whole-loop CUDA graphs, no custom kernels), `triton` (the same
 plus this project's Triton kernels, in the UNet and the VAE, where the per-shape dispatch
@@ -55,17 +56,30 @@ def rel_l2(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def diffusers_pipeline(model_dir: str, dtype, scheduler: str):
+    """diffusers' own pipeline class for the model (model_index.json names it), with `scheduler`."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from sd_backend.schedulers import make_scheduler
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype)
+    if isinstance(pipe, StableDiffusionPipeline):
+        pipe.safety_checker = None
+    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cuda")
+
+
 class DiffusersSystem:
     """diffusers' pipeline, optionally with torch.compile."""
 
-    def __init__(self, model_dir: str, variant: str, steps: int, size: int):
-        from diffusers import StableDiffusionPipeline
+    def __init__(self, model_dir: str, variant: str, steps: int, size: int, scheduler: str, guidance: float):
+        from diffusers import StableDiffusionXLPipeline
 
-        self.steps, self.size = steps, size
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir, torch_dtype=torch.float16, safety_checker=None
-        ).to("cuda")
-        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.size, self.guidance = steps, size, guidance
+        self.pipe = diffusers_pipeline(model_dir, torch.float16, scheduler)
+        # SDXL's pipeline decodes in fp32 where the VAE config says force_upcast (as VAEStage)
+        self.upcast = isinstance(self.pipe, StableDiffusionXLPipeline) and self.pipe.vae.config.force_upcast
         if variant == "compile":
             self.pipe.unet.to(memory_format=torch.channels_last)
             self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", dynamic=False)
@@ -75,7 +89,7 @@ class DiffusersSystem:
         out = self.pipe(
             [PROMPT] * batch,
             num_inference_steps=self.steps,
-            guidance_scale=7.5,
+            guidance_scale=self.guidance,
             height=self.size,
             width=self.size,
             generator=generators,
@@ -88,8 +102,10 @@ class DiffusersSystem:
 
     def decode(self, latents):
         """(h, w, 3) uint8 image of (4, h/8, w/8) latents through the pipeline's VAE, rounded as VAEStage rounds."""
+        vae = self.pipe.vae.to(torch.float32) if self.upcast else self.pipe.vae
         with torch.inference_mode():
-            image = self.pipe.vae.decode(latents[None] / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+            image = vae.decode((latents[None] / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        vae.to(torch.float16)
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()[0]
         return (image * 255).round().astype("uint8")
 
@@ -97,11 +113,11 @@ class DiffusersSystem:
 class StagesSystem:
     """This project's three stages in one process (what the served ensemble runs)."""
 
-    def __init__(self, model_dir: str, options, steps: int, size: int, buckets):
+    def __init__(self, model_dir: str, options, steps: int, size: int, buckets, scheduler: str, guidance: float):
         from sd_backend.config import DeploymentConfig
         from sd_backend.engine import Engine
 
-        self.steps, self.size = steps, size
+        self.steps, self.size, self.guidance = steps, size, guidance
         config = DeploymentConfig(
             model=model_dir,
             opt_level="triton",
@@ -109,15 +125,17 @@ class StagesSystem:
             default_steps=steps,
             default_height=size,
             default_width=size,
+            default_scheduler=scheduler,
+            default_guidance=guidance,
             batch_buckets=tuple(buckets),
         )
         self.engine = Engine(config)
 
     def run(self, batch: int, seed: int):
-        return self.engine.generate([PROMPT] * batch, seed=[seed + i for i in range(batch)], guidance=7.5)
+        return self.engine.generate([PROMPT] * batch, seed=[seed + i for i in range(batch)])
 
     def latents(self, seed: int):
-        return self.engine.latents([PROMPT], seed=seed, guidance=7.5)[0][0]
+        return self.engine.latents([PROMPT], seed=seed)[0][0]
 
     def decode(self, latents):
         return self.engine.vae([latents[None]])[0]
@@ -145,8 +163,8 @@ def options_for(name: str):
 
 def build(name: str, args):
     if name in ("eager", "compile"):
-        return DiffusersSystem(args.model_dir, name, args.steps, args.size)
-    return StagesSystem(args.model_dir, options_for(name), args.steps, args.size, (1, args.batch))
+        return DiffusersSystem(args.model_dir, name, args.steps, args.size, args.scheduler, args.guidance)
+    return StagesSystem(args.model_dir, options_for(name), args.steps, args.size, (1, args.batch), args.scheduler, args.guidance)
 
 
 def measure(name: str, args, reference) -> dict:
@@ -206,11 +224,8 @@ def measure(name: str, args, reference) -> dict:
 
 def fp32_floor(args, reference_latents) -> float:
     """How far diffusers eager fp32 lands from eager fp16: the noise floor of the check."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch.float32, safety_checker=None).to("cuda")
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+    pipe = diffusers_pipeline(args.model_dir, torch.float32, args.scheduler)
+    out = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size,
                generator=[torch.Generator().manual_seed(1)], output_type="latent").images[0]
     del pipe
     return rel_l2(out, reference_latents)
@@ -223,6 +238,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--scheduler", default="pndm", help="a SCHEDULER name (sd_backend.config.SCHEDULER_NAMES)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--no-floor", action="store_true", help="skip the eager fp32 run (the noise floor of the check)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--cache-dir", default="/tmp/sd-triton-cache")
@@ -266,7 +284,7 @@ def main() -> int:
         results.append(result)
         save(args, gpu, results, None)  # a run cut short keeps what it measured
     floor = None
-    if reference is not None:
+    if reference is not None and not args.no_floor:
         try:
             floor = fp32_floor(args, reference["latents"])
         except Exception as err:  # noqa: BLE001
@@ -284,8 +302,8 @@ def save(args, gpu: str, results: list, floor) -> None:
         "model": args.model,
         "steps": args.steps,
         "size": args.size,
-        "guidance": 7.5,
-        "scheduler": "pndm",
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
         "batch": args.batch,
         "eager_fp32_vs_fp16_latents_rel_l2": floor,
         "command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:]),
@@ -301,7 +319,7 @@ def markdown(record: dict) -> str:
     b = record["batch"]
     lines = [
         f"{record['gpu']}, {record['date']}, torch {record['torch']}, {record['model']}, fp16, "
-        f"{record['size']}x{record['size']}, {record['steps']} PNDM steps, guidance 7.5",
+        f"{record['size']}x{record['size']}, {record['steps']} {record.get('scheduler', 'pndm')} steps, guidance {record.get('guidance', 7.5)}",
         "",
         f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 "
         "| latents rel L2 vs eager | VAE image vs eager, uint8 levels (max / mean) |",
