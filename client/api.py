@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 MODEL = "stable_diffusion"
+IMG2IMG_MODEL = "stable_diffusion_img2img"  # the ensemble that takes INIT_IMAGE and STRENGTH
 STREAM_MODEL = "stable_diffusion_stream"
 OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED", "PARAMETERS")
 
@@ -109,12 +110,16 @@ class SDClient:
             "WIDTH": (parameters.get("width"), "INT32"),
             "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
             "PREVIEW_EVERY": (parameters.get("preview_every"), "INT32"),
+            "STRENGTH": (parameters.get("strength"), "FP32"),
+            "INIT_IMAGE": (parameters.get("init_image"), "UINT8"),
         }
         inputs = []
         for name, (value, dtype) in spec.items():
             if value is None:
                 continue
-            if dtype == "BYTES":
+            if dtype == "UINT8":  # an image: (height, width, 3), one per request
+                array = np.ascontiguousarray(value, dtype=np.uint8)[None]
+            elif dtype == "BYTES":
                 array = np.array([[value.encode("utf-8") if isinstance(value, str) else value]], dtype=object)
             else:
                 array = np.array([[value]], dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
@@ -134,8 +139,12 @@ class SDClient:
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
+        init_image: np.ndarray | None = None,
+        strength: float | None = None,
     ) -> GenerationResult:
-        """Generate one image; raises tritonclient's InferenceServerException on a server error."""
+        """Generate one image; raises tritonclient's InferenceServerException on a server error.
+        With `init_image` (uint8 (height, width, 3)) it is image-to-image: the image is the
+        start, `strength` (0-1, the server's default when None) how much of it is noised away."""
         parameters = dict(
             negative_prompt=negative_prompt,
             seed=seed,
@@ -144,15 +153,18 @@ class SDClient:
             height=height,
             width=width,
             scheduler=scheduler,
+            init_image=init_image,
+            strength=strength,
         )
+        model = self.model if init_image is None else IMG2IMG_MODEL
         inputs = self.build_inputs(prompt, **parameters)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
         try:
             if self.protocol == "grpc":
-                reply = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                reply = self.client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
             else:
-                reply = self.client.infer(self.model, inputs, outputs=outputs)
+                reply = self.client.infer(model, inputs, outputs=outputs)
         except Exception as err:
             raise unreachable(err, self.url, self.protocol) or err
         latency = time.perf_counter() - start

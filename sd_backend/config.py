@@ -111,6 +111,10 @@ class DeploymentConfig:
     scheduler config names, as diffusers' pipeline does (PNDM for SD 1.5, Euler for SDXL;
     PNDM where it names one not served here)."""
 
+    default_strength: float = 0.8
+    """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
+    `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
+
     min_size: int = 64
     """Smallest height or width a request may ask for, in pixels."""
 
@@ -146,6 +150,8 @@ class DeploymentConfig:
             raise ValueError(
                 f"default_scheduler: {self.default_scheduler!r} is not one of auto, {', '.join(SCHEDULER_NAMES)}"
             )
+        if not 0.0 < self.default_strength <= 1.0:
+            raise ValueError(f"default_strength: {self.default_strength} is out of range; allowed above 0 up to 1")
         if self.opt_level not in OPT_LEVELS:
             raise ValueError(f"opt_level: {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -23,12 +23,15 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
 
 def denoise(
     unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None,
-    added_cond_kwargs=None,
+    added_cond_kwargs=None, timesteps=None,
 ):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
     `embeds` is (2B, 77, hidden) negatives first when `guidance` is given (classifier-free
-    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None. `unet_timesteps`,
+    guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None; `added_cond_kwargs`
+    is SDXL's {"text_embeds": (rows, pooled), "time_ids": (rows, 6)}, rows as `embeds`'.
+    `timesteps`, when given, is the part of the scheduler's timesteps the loop runs
+    (image-to-image starts part way, the scheduler's begin index set to match). `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
@@ -40,7 +43,8 @@ def denoise(
 
     extra = step_kwargs(scheduler, generators)
     with torch.inference_mode():
-        for i, t in enumerate(scheduler.timesteps):
+        timesteps = scheduler.timesteps if timesteps is None else timesteps
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if step_constants is not None:
@@ -53,5 +57,5 @@ def denoise(
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             if callback is not None:
-                callback(i, len(scheduler.timesteps), latents)
+                callback(i, len(timesteps), latents)
     return latents

@@ -113,6 +113,13 @@ def family(source: str):
     return read_family(source)
 
 
+def vae_scaling_factor(source: str) -> float:
+    """The VAE's latent scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for SDXL)."""
+    from diffusers import AutoencoderKL
+
+    return float(AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())["scaling_factor"])
+
+
 def native_size(source: str) -> int:
     """The model's own image side in pixels (512 for SD 1.5): the UNet's sample size times the VAE's scale."""
     from diffusers import UNet2DConditionModel

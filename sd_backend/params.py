@@ -28,6 +28,14 @@ class GenerationParams:
     height: int
     width: int
     scheduler: str
+    strength: float | None = None  # image-to-image: how much of INIT_IMAGE is noised away; None for text-to-image
+
+    @property
+    def start_step(self) -> int:
+        """The step image-to-image starts at, as diffusers' get_timesteps: steps - int(steps x strength)."""
+        if self.strength is None:
+            return 0
+        return max(self.steps - min(int(self.steps * self.strength), self.steps), 0)
 
     @property
     def uses_guidance(self) -> bool:
@@ -36,7 +44,7 @@ class GenerationParams:
 
     def group_key(self) -> tuple:
         """Requests with the same key run as one batch through the denoising loop."""
-        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance)
+        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step)
 
     def record(self, model: str) -> dict[str, Any]:
         """Everything the image was made with, defaults included, under the client's names
@@ -49,7 +57,7 @@ class GenerationParams:
             "height": self.height,
             "width": self.width,
             "scheduler": self.scheduler,
-        }
+        } | ({"strength": self.strength} if self.strength is not None else {})
 
 
 def _as_float(field: str, value: Any) -> float:
@@ -59,6 +67,16 @@ def _as_float(field: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{field}: {value!r} is not a number") from None
+
+
+def _decimal_of_fp32(value: float) -> float:
+    """The shortest decimal an FP32 input stands for: STRENGTH arrives as FP32, and 0.7 there is
+    0.69999999, whose int(10 x s) is 6 where diffusers, given 0.7, takes 7 steps."""
+    import numpy as np
+
+    if not math.isfinite(value):
+        return value
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _as_int(field: str, value: Any) -> int:
@@ -78,12 +96,16 @@ def check_params(
     height: Any = None,
     width: Any = None,
     scheduler: Any = None,
+    strength: Any = None,
+    image_size: tuple[int, int] | None = None,
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
 
     `family` (sd_backend.family) gives the model's own image side, used when neither the
     request nor the config sets a size, the smallest side its family is served at, and
-    its own scheduler, for a default_scheduler of `auto`.
+    its own scheduler, for a default_scheduler of `auto`. `image_size` (height, width) is
+    INIT_IMAGE's for image-to-image: the size of the result, which HEIGHT and WIDTH, when
+    given, must equal; `strength` is then required (0 < STRENGTH <= 1).
     """
     seed = RANDOM_SEED if seed is None else _as_int("SEED", seed)
     if seed == RANDOM_SEED:
@@ -102,11 +124,20 @@ def check_params(
         raise ValueError(f"GUIDANCE_SCALE: {guidance} is out of range; allowed 0..{config.max_guidance}")
 
     sizes = {}
-    for field, value, default in (
+    for index, (field, value, default) in enumerate((
         ("HEIGHT", height, config.default_height),
         ("WIDTH", width, config.default_width),
-    ):
-        size = (default or family.native_size) if value is None else _as_int(field, value)
+    )):
+        given = None if value is None else _as_int(field, value)
+        if image_size is not None:
+            if given is not None and given != image_size[index]:
+                raise ValueError(
+                    f"{field}: {given} does not match INIT_IMAGE's {image_size[0]}x{image_size[1]} (height x width); "
+                    "leave HEIGHT and WIDTH out or send an image of that size"
+                )
+            given = image_size[index]
+            field = f"INIT_IMAGE's {field.lower()}"  # what a size error is about
+        size = (default or family.native_size) if given is None else given
         if size % 8 != 0 or not config.min_size <= size <= config.max_size:
             raise ValueError(
                 f"{field}: {size} is not allowed; use a multiple of 8 from {config.min_size} to {config.max_size}"
@@ -116,7 +147,7 @@ def check_params(
                 f"{field}: {size} is below this {family.name} model's minimum of {family.min_size} "
                 f"(half its native {family.native_size})"
             )
-        sizes[field] = size
+        sizes[index] = size
 
     if scheduler is None:
         scheduler = family.scheduler if config.default_scheduler == "auto" else config.default_scheduler
@@ -128,4 +159,15 @@ def check_params(
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"SCHEDULER: {scheduler!r} is not known; allowed {', '.join(SCHEDULER_NAMES)}")
 
-    return GenerationParams(seed, steps, guidance, sizes["HEIGHT"], sizes["WIDTH"], name)
+    if strength is None and image_size is not None:
+        strength = config.default_strength
+    if strength is not None:
+        strength = _decimal_of_fp32(_as_float("STRENGTH", strength))
+        if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+            raise ValueError(f"STRENGTH: {strength} is out of range; allowed above 0 up to 1 (1 noises INIT_IMAGE away entirely)")
+        if int(steps * strength) < 1:
+            raise ValueError(
+                f"STRENGTH: {strength} with STEPS {steps} denoises int({steps} x {strength}) = 0 steps; "
+                f"use STRENGTH of at least {1 / steps:.4g} or more STEPS"
+            )
+    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength)

@@ -44,6 +44,7 @@ class DenoiseJob:
     negative_embeds: Any  # (77, hidden)
     pooled: Any = None  # SDXL: (pooled width,)
     negative_pooled: Any = None
+    init_moments: Any = None  # image-to-image: INIT_IMAGE's latent distribution (2 x 4, h, w), VAEEncoderStage's
 
 
 class TextEncoderStage:
@@ -105,6 +106,7 @@ class UNetStage:
         self.device = device
         self.dtype = dtype
         self.family = family
+        self.latent_scaling = 1.0  # the VAE's scaling_factor, for image-to-image's initial latents
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
@@ -116,6 +118,7 @@ class UNetStage:
         unet = loading.load_unet(source, device, dtype)
         scale, family = loading.vae_scale_factor(source), loading.family(source)
         stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, family)
+        stage.latent_scaling = loading.vae_scaling_factor(source)
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
@@ -150,6 +153,8 @@ class UNetStage:
         first = params[0]
         scheduler = make_scheduler(first.scheduler, self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=self.device)
+        if first.strength is not None:
+            return self._image_to_image(jobs, scheduler, callback)
         latents, generators = prepare_latents(
             params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
         )
@@ -161,6 +166,41 @@ class UNetStage:
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added)
         return denoise(self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added)
+
+    def _image_to_image(self, jobs: Sequence[DenoiseJob], scheduler, callback=None):
+        """diffusers' StableDiffusionImg2ImgPipeline from its prepare_latents on: the loop starts
+        at the params' start_step; each image's generator first samples INIT_IMAGE's latent
+        distribution, then draws the noise it is blended with at the start step's noise level.
+        Always the eager loop (no captured graphs for image-to-image yet)."""
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.utils.torch_utils import randn_tensor
+
+        first = jobs[0].params
+        begin = first.start_step * scheduler.order
+        timesteps = scheduler.timesteps[begin:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        generators = [torch.Generator("cpu").manual_seed(job.params.seed) for job in jobs]
+        # channels-last, as diffusers' moments are (the encoder's input is laid out so, see
+        # VAEEncoderStage): the latents keep that layout through the loop, and the UNet's
+        # convolutions round by the layout they get
+        # (contiguous first: a size-1 batch dimension's stride can make a view pass for channels-last)
+        moments = [
+            job.init_moments[None].to(self.device, self.dtype).contiguous().contiguous(memory_format=torch.channels_last)
+            for job in jobs
+        ]
+        init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)]) * self.latent_scaling
+        noise = randn_tensor(init.shape, generator=generators, device=self.device, dtype=self.dtype)
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs)))
+        embeds, added = self.conditioning(jobs)
+        guidance = None
+        if first.uses_guidance:
+            guidance = torch.tensor([job.params.guidance for job in jobs], device=self.device).view(-1, 1, 1, 1)
+        return denoise(
+            self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
+            timesteps=timesteps,
+        )
 
     def conditioning(self, jobs: Sequence[DenoiseJob]):
         """(encoder_hidden_states, added_cond_kwargs) of one group's UNet calls, as diffusers'
@@ -181,6 +221,48 @@ class UNetStage:
         p = jobs[0].params
         time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], device=self.device, dtype=self.dtype)
         return embeds, {"text_embeds": rows("pooled", "negative_pooled"), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
+
+
+class VAEEncoderStage:
+    """INIT_IMAGE to the VAE's latent distribution: image-to-image's first step beside the
+    text encoder. Prepared as diffusers' VaeImageProcessor prepares an RGB image (float32
+    /255, then 2x - 1) and encoded one image at a time, as the image-to-image pipeline
+    encodes each image of a batch (`image[i : i + 1]`), so a request's moments do not depend
+    on its batch. The seed's sample of the distribution is the UNet stage's, which owns the
+    request's generator."""
+
+    def __init__(self, config: DeploymentConfig, vae, device, dtype, family: ModelFamily):
+        self.config = config
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+        self.family = family
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEEncoderStage":
+        source, device, dtype = loading.placement(config, instance_device)
+        return cls(config, loading.load_vae(source, device, dtype), device, dtype, loading.family(source))
+
+    def check(self, image, **raw) -> GenerationParams:
+        """The request's parameters with INIT_IMAGE's size as the result's (raises ValueError)."""
+        if self.family.is_sdxl:
+            raise ValueError("INIT_IMAGE: image-to-image is served for SD 1.x and 2.x models; this model is SDXL")
+        return check_params(self.config, self.family, image_size=tuple(image.shape[:2]), **raw)
+
+    def __call__(self, images: Sequence[Any]) -> list[Any]:
+        """One (2 x latent channels, h/8, w/8) float32 tensor of moments (mean, log-variance) per uint8 image."""
+        import numpy as np
+        import torch
+
+        results = []
+        with torch.inference_mode():
+            for image in images:
+                # laid out as diffusers' numpy_to_pt lays it ((1, h, w, 3) memory seen as NCHW): the
+                # convolutions pick their kernel by the layout, and another one rounds differently
+                pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
+                pixels = (2.0 * pixels - 1.0).to(self.device, self.dtype)
+                results.append(self.vae.encode(pixels).latent_dist.parameters[0].float())
+        return results
 
 
 class VAEStage:

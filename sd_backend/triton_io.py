@@ -41,6 +41,21 @@ def read_prompts(pb, request, max_bytes: int) -> tuple[str, str | None]:
     return prompt, negative
 
 
+def read_image(pb, request, name: str = "INIT_IMAGE"):
+    """A UINT8 (height, width, 3) RGB image input as a numpy array; ValueError when absent
+    (Triton declares it optional: see read_prompts) or of another shape. Triton itself
+    refuses another dtype or rank, naming the input."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"{name}: missing; an RGB image (UINT8 [height, width, 3]) is required")
+    image = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
+    if image.ndim == 4 and image.shape[0] == 1:  # the batch dimension of one request
+        image = image[0]
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name}: shape {list(image.shape)}; allowed [height, width, 3] (RGB)")
+    return image
+
+
 def read_scalar(pb, request, name: str) -> Any:
     """A numeric input of one element as a Python number, or None when absent."""
     tensor = pb.get_input_tensor_by_name(request, name)
@@ -57,12 +72,14 @@ def read_scalar(pb, request, name: str) -> Any:
 CONDITIONING = ("PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "POOLED_EMBEDS", "NEGATIVE_POOLED_EMBEDS")
 
 # the ensemble's numeric generation inputs and the keyword each has in check_params
-GENERATION_NUMBERS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
+GENERATION_NUMBERS = {
+    "SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width", "STRENGTH": "strength",
+}
 
 
 def read_generation_inputs(pb, request) -> dict[str, Any]:
-    """SEED, STEPS, GUIDANCE_SCALE, HEIGHT, WIDTH and SCHEDULER as check_params keywords
-    (None where absent, so the deployment default applies)."""
+    """SEED, STEPS, GUIDANCE_SCALE, HEIGHT, WIDTH, STRENGTH and SCHEDULER as check_params
+    keywords (None where absent, so the deployment default applies)."""
     raw = {arg: read_scalar(pb, request, name) for name, arg in GENERATION_NUMBERS.items()}
     raw["scheduler"] = read_text(pb, request, "SCHEDULER")
     return raw

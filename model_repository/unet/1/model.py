@@ -22,9 +22,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def parse(request):
-            params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
             inputs = [io.to_torch(pb_utils.get_input_tensor_by_name(request, name))[0] for name in io.CONDITIONING]
-            return DenoiseJob(params, *inputs)
+            moments = pb_utils.get_input_tensor_by_name(request, "INIT_MOMENTS")
+            moments = None if moments is None else io.to_torch(moments)[0]
+            image_size = None if moments is None else tuple(d * self.stage.vae_scale for d in moments.shape[-2:])
+            params = self.stage.check(image_size=image_size, **io.read_generation_inputs(pb_utils, request))
+            return DenoiseJob(params, *inputs, init_moments=moments)
 
         def reply(job, latents):
             self.metrics.add("steps", job.params.steps)
