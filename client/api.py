@@ -106,6 +106,7 @@ class SDClient:
             "SEED": (parameters.get("seed"), "INT64"),
             "STEPS": (parameters.get("steps"), "INT32"),
             "GUIDANCE_SCALE": (parameters.get("guidance_scale"), "FP32"),
+            "GUIDANCE_CUTOFF": (parameters.get("guidance_cutoff"), "FP32"),
             "HEIGHT": (parameters.get("height"), "INT32"),
             "WIDTH": (parameters.get("width"), "INT32"),
             "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
@@ -139,12 +140,14 @@ class SDClient:
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
+        guidance_cutoff: float | None = None,
         init_image: np.ndarray | None = None,
         strength: float | None = None,
     ) -> GenerationResult:
         """Generate one image; raises tritonclient's InferenceServerException on a server error.
         With `init_image` (uint8 (height, width, 3)) it is image-to-image: the image is the
-        start, `strength` (0-1, the server's default when None) how much of it is noised away."""
+        start, `strength` (0-1, the server's default when None) how much of it is noised away.
+        `guidance_cutoff` below 1 stops guidance after that fraction of the steps (faster, not exact)."""
         parameters = dict(
             negative_prompt=negative_prompt,
             seed=seed,
@@ -153,6 +156,7 @@ class SDClient:
             height=height,
             width=width,
             scheduler=scheduler,
+            guidance_cutoff=guidance_cutoff,
             init_image=init_image,
             strength=strength,
         )

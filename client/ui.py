@@ -36,6 +36,7 @@ FIELDS = {
     "seed": int,
     "steps": int,
     "guidance_scale": float,
+    "guidance_cutoff": float,
     "height": int,
     "width": int,
     "scheduler": str,

@@ -111,6 +111,13 @@ class DeploymentConfig:
     scheduler config names, as diffusers' pipeline does (PNDM for SD 1.5, Euler for SDXL;
     PNDM where it names one not served here)."""
 
+    default_guidance_cutoff: float = 1.0
+    """Classifier-free guidance stops after this fraction of the steps when a request leaves
+    `GUIDANCE_CUTOFF` out: diffusers' SDCFGCutoffCallback(cutoff_step_ratio) (the step at
+    int(steps x fraction) is the last guided one). 1 never stops it: exact mode, the
+    default; below 1 trades fidelity for speed (the steps after it run the UNet at half
+    the batch), so it is opt-in."""
+
     default_strength: float = 0.8
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
     `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
@@ -150,6 +157,8 @@ class DeploymentConfig:
             raise ValueError(
                 f"default_scheduler: {self.default_scheduler!r} is not one of auto, {', '.join(SCHEDULER_NAMES)}"
             )
+        if not 0.0 <= self.default_guidance_cutoff <= 1.0:
+            raise ValueError(f"default_guidance_cutoff: {self.default_guidance_cutoff} is out of range; allowed 0 to 1")
         if not 0.0 < self.default_strength <= 1.0:
             raise ValueError(f"default_strength: {self.default_strength} is out of range; allowed above 0 up to 1")
         if self.opt_level not in OPT_LEVELS:

@@ -23,7 +23,7 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
 
 def denoise(
     unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None,
-    added_cond_kwargs=None, timesteps=None,
+    added_cond_kwargs=None, timesteps=None, guidance_cutoff: float = 1.0,
 ):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
@@ -31,7 +31,10 @@ def denoise(
     guidance), else (B, 77, hidden); `guidance` is (B, 1, 1, 1) or None; `added_cond_kwargs`
     is SDXL's {"text_embeds": (rows, pooled), "time_ids": (rows, 6)}, rows as `embeds`'.
     `timesteps`, when given, is the part of the scheduler's timesteps the loop runs
-    (image-to-image starts part way, the scheduler's begin index set to match). `unet_timesteps`,
+    (image-to-image starts part way, the scheduler's begin index set to match).
+    `guidance_cutoff` below 1 stops guidance after the step at int(steps x cutoff), as
+    diffusers' SDCFGCutoffCallback / SDXLCFGCutoffCallback do: the later steps run the
+    conditional rows alone, guidance 0 (not with step_constants: their tables hold every row). `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
@@ -44,6 +47,9 @@ def denoise(
     extra = step_kwargs(scheduler, generators)
     with torch.inference_mode():
         timesteps = scheduler.timesteps if timesteps is None else timesteps
+        cutoff = int(len(timesteps) * guidance_cutoff) if guidance is not None else len(timesteps)
+        if cutoff < len(timesteps) and step_constants is not None:
+            raise ValueError("denoise: a guidance cutoff needs the loop without step constants")
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -56,6 +62,11 @@ def denoise(
                 uncond, cond = noise.chunk(2)
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if i == cutoff:  # the conditional half of every row set from here on (negatives come first)
+                rows = embeds.shape[0] // 2
+                embeds, guidance = embeds[rows:], None
+                if added_cond_kwargs is not None:
+                    added_cond_kwargs = {name: value[rows:] for name, value in added_cond_kwargs.items()}
             if callback is not None:
                 callback(i, len(timesteps), latents)
     return latents

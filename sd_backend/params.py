@@ -29,6 +29,7 @@ class GenerationParams:
     width: int
     scheduler: str
     strength: float | None = None  # image-to-image: how much of INIT_IMAGE is noised away; None for text-to-image
+    guidance_cutoff: float = 1.0  # the fraction of the loop's steps after which guidance stops (1: never)
 
     @property
     def start_step(self) -> int:
@@ -44,7 +45,8 @@ class GenerationParams:
 
     def group_key(self) -> tuple:
         """Requests with the same key run as one batch through the denoising loop."""
-        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step)
+        cutoff = self.guidance_cutoff if self.uses_guidance else 1.0
+        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step, cutoff)
 
     def record(self, model: str) -> dict[str, Any]:
         """Everything the image was made with, defaults included, under the client's names
@@ -57,6 +59,7 @@ class GenerationParams:
             "height": self.height,
             "width": self.width,
             "scheduler": self.scheduler,
+            "guidance_cutoff": self.guidance_cutoff,
         } | ({"strength": self.strength} if self.strength is not None else {})
 
 
@@ -97,6 +100,7 @@ def check_params(
     width: Any = None,
     scheduler: Any = None,
     strength: Any = None,
+    guidance_cutoff: Any = None,
     image_size: tuple[int, int] | None = None,
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
@@ -170,4 +174,9 @@ def check_params(
                 f"STRENGTH: {strength} with STEPS {steps} denoises int({steps} x {strength}) = 0 steps; "
                 f"use STRENGTH of at least {1 / steps:.4g} or more STEPS"
             )
-    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength)
+    cutoff = config.default_guidance_cutoff if guidance_cutoff is None else _decimal_of_fp32(_as_float("GUIDANCE_CUTOFF", guidance_cutoff))
+    if not (math.isfinite(cutoff) and 0.0 <= cutoff <= 1.0):
+        raise ValueError(
+            f"GUIDANCE_CUTOFF: {cutoff} is out of range; allowed 0 to 1 (the fraction of the steps after which guidance stops; 1: never)"
+        )
+    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff)

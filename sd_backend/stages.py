@@ -165,7 +165,10 @@ class UNetStage:
         captured = self.graphs.find(first, len(jobs)) if self.graphs is not None and callback is None else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added)
-        return denoise(self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added)
+        return denoise(
+            self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
+            guidance_cutoff=first.guidance_cutoff,
+        )
 
     def _image_to_image(self, jobs: Sequence[DenoiseJob], scheduler, callback=None):
         """diffusers' StableDiffusionImg2ImgPipeline from its prepare_latents on: the loop starts
@@ -199,7 +202,7 @@ class UNetStage:
             guidance = torch.tensor([job.params.guidance for job in jobs], device=self.device).view(-1, 1, 1, 1)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
-            timesteps=timesteps,
+            timesteps=timesteps, guidance_cutoff=first.guidance_cutoff,
         )
 
     def conditioning(self, jobs: Sequence[DenoiseJob]):

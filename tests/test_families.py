@@ -14,19 +14,28 @@ from tests.servers import client, running_server
 from tests.utils import assert_same_image
 
 
-@pytest.fixture(scope="module")
-def tiny_v_dir(cache_dir):
+def _offline(cache_dir, name: str):
     from sd_backend.offline import write_offline_model
 
-    return write_offline_model("tiny-v", cache_dir / "tiny-v")
+    return write_offline_model(name, cache_dir / name)
+
+
+def _serving(cache_dir, tmp_path_factory, name: str):
+    """A gRPC client of a real tritonserver serving offline model `name` (for a fixture to yield from)."""
+    with running_server(cache_dir, tmp_path_factory.mktemp(name), env={"SD_MODEL": name}) as server:
+        c = client(server.grpc_url)
+        yield c
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_v_dir(cache_dir):
+    return _offline(cache_dir, "tiny-v")
 
 
 @pytest.fixture(scope="module")
 def tiny_v(cache_dir, tiny_v_dir, tmp_path_factory):
-    with running_server(cache_dir, tmp_path_factory.mktemp("tiny-v"), env={"SD_MODEL": "tiny-v"}) as server:
-        c = client(server.grpc_url)
-        yield c
-        c.close()
+    yield from _serving(cache_dir, tmp_path_factory, "tiny-v")
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +84,12 @@ def test_sd21_native_size_and_prediction_come_from_its_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_xl_dir(cache_dir):
-    from sd_backend.offline import write_offline_model
-
-    return write_offline_model("tiny-xl", cache_dir / "tiny-xl")
+    return _offline(cache_dir, "tiny-xl")
 
 
 @pytest.fixture(scope="module")
 def tiny_xl(cache_dir, tiny_xl_dir, tmp_path_factory):
-    with running_server(cache_dir, tmp_path_factory.mktemp("tiny-xl"), env={"SD_MODEL": "tiny-xl"}) as server:
-        c = client(server.grpc_url)
-        yield c
-        c.close()
+    yield from _serving(cache_dir, tmp_path_factory, "tiny-xl")
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,21 @@ def test_sdxl_is_not_written_as_a_single_file_it_could_not_read(tmp_path):
     with pytest.raises(ValueError, match="'tiny-xl' is SDXL, whose single-file layout is neither written nor read here"):
         write_checkpoint("tiny-xl", tmp_path / "xl.safetensors", tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_sdxl_guidance_cutoff_matches_diffusers_callback(tiny_xl, tiny_xl_pipeline):
+    """GUIDANCE_CUTOFF on SDXL drops the unconditional rows of the embeddings, the pooled
+    embeddings and the time ids alike: diffusers' SDXLCFGCutoffCallback."""
+    import torch
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    from sd_backend.schedulers import make_scheduler
+
+    result = tiny_xl.generate("a watercolor fox", seed=6, steps=4, guidance_scale=5.0, scheduler="euler", guidance_cutoff=0.5)
+    tiny_xl_pipeline.scheduler = make_scheduler("euler", dict(tiny_xl_pipeline.scheduler.config))
+    expected = tiny_xl_pipeline(
+        "a watercolor fox", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(6), output_type="np",
+        callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=0.5),
+        callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds", "add_time_ids"],
+    ).images[0]
+    assert_same_image(result.image, (expected * 255).round().astype(np.uint8), max_diff=0)

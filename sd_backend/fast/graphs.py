@@ -64,7 +64,9 @@ class CapturedLoop:
         self.bucket = bucket
         self.scheduler_name = params.scheduler
         self.steps = params.steps
-        self.hoist = hoist
+        self.cutoff = params.guidance_cutoff if params.uses_guidance else 1.0
+        # the step constants' tables hold every row; after a guidance cutoff the UNet gets half of them
+        self.hoist = hoist and self.cutoff >= 1.0
         unet = stage.unet
         latent_shape = (bucket, unet.config.in_channels, params.height // stage.vae_scale, params.width // stage.vae_scale)
         device, dtype = stage.device, stage.dtype
@@ -108,7 +110,7 @@ class CapturedLoop:
         with _noise_from(scheduler, list(self.noise.unbind(0))):
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
-                step_constants=constants, added_cond_kwargs=self.added,
+                step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff,
             )
 
     def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None):
