@@ -75,3 +75,13 @@ def server(cache_dir, tiny_dir, tmp_path_factory):
 
     with running_server(cache_dir, tmp_path_factory.mktemp("server")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    """An SDClient of the shared server over gRPC."""
+    from tests.servers import client
+
+    c = client(server.grpc_url)
+    yield c
+    c.close()

@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import reference_image
-from tests.servers import client, is_invalid_arg
+from tests.servers import is_invalid_arg
 from tests.utils import assert_same_image
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def grpc(server):
-    c = client(server.grpc_url)
-    yield c
-    c.close()
 
 
 def cutoff_reference(pipe, prompt, *, seed, cutoff, scheduler, guidance=7.5):

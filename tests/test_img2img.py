@@ -15,17 +15,10 @@ import math
 import numpy as np
 import pytest
 
-from tests.servers import client, is_invalid_arg
+from tests.servers import is_invalid_arg
 from tests.utils import assert_same_image
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def grpc(server):
-    c = client(server.grpc_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def grpc(server):
-    from sd_client import SDClient
-
-    client = SDClient(server.grpc_url, "grpc")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def http(server):
     from sd_client import SDClient
 
