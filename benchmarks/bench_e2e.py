@@ -73,10 +73,10 @@ def diffusers_pipeline(model_dir: str, dtype, scheduler: str):
 class DiffusersSystem:
     """diffusers' pipeline, optionally with torch.compile."""
 
-    def __init__(self, model_dir: str, variant: str, steps: int, size: int, scheduler: str, guidance: float):
+    def __init__(self, model_dir: str, variant: str, steps: int, size: int, scheduler: str, guidance: float, cutoff: float = 1.0):
         from diffusers import StableDiffusionXLPipeline
 
-        self.steps, self.size, self.guidance = steps, size, guidance
+        self.steps, self.size, self.guidance, self.cutoff = steps, size, guidance, cutoff
         self.pipe = diffusers_pipeline(model_dir, torch.float16, scheduler)
         # SDXL's pipeline decodes in fp32 where the VAE config says force_upcast (as VAEStage)
         self.upcast = isinstance(self.pipe, StableDiffusionXLPipeline) and self.pipe.vae.config.force_upcast
@@ -94,8 +94,21 @@ class DiffusersSystem:
             width=self.size,
             generator=generators,
             output_type=output_type,
+            **self._cutoff_callback(),
         )
         return out.images
+
+    def _cutoff_callback(self) -> dict:
+        """diffusers' own guidance cutoff (what GUIDANCE_CUTOFF equals), below 1 only."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+        if self.cutoff >= 1.0:
+            return {}
+        if isinstance(self.pipe, StableDiffusionXLPipeline):
+            inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
+            return dict(callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=self.cutoff), callback_on_step_end_tensor_inputs=inputs)
+        return dict(callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=self.cutoff), callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
     def latents(self, seed: int):
         return self.run(1, seed, output_type="latent")[0]
@@ -113,7 +126,7 @@ class DiffusersSystem:
 class StagesSystem:
     """This project's three stages in one process (what the served ensemble runs)."""
 
-    def __init__(self, model_dir: str, options, steps: int, size: int, buckets, scheduler: str, guidance: float):
+    def __init__(self, model_dir: str, options, steps: int, size: int, buckets, scheduler: str, guidance: float, cutoff: float = 1.0):
         from sd_backend.config import DeploymentConfig
         from sd_backend.engine import Engine
 
@@ -127,6 +140,7 @@ class StagesSystem:
             default_width=size,
             default_scheduler=scheduler,
             default_guidance=guidance,
+            default_guidance_cutoff=cutoff,
             batch_buckets=tuple(buckets),
         )
         self.engine = Engine(config)
@@ -163,8 +177,10 @@ def options_for(name: str):
 
 def build(name: str, args):
     if name in ("eager", "compile"):
-        return DiffusersSystem(args.model_dir, name, args.steps, args.size, args.scheduler, args.guidance)
-    return StagesSystem(args.model_dir, options_for(name), args.steps, args.size, (1, args.batch), args.scheduler, args.guidance)
+        return DiffusersSystem(args.model_dir, name, args.steps, args.size, args.scheduler, args.guidance, args.guidance_cutoff)
+    return StagesSystem(
+        args.model_dir, options_for(name), args.steps, args.size, (1, args.batch), args.scheduler, args.guidance, args.guidance_cutoff
+    )
 
 
 def measure(name: str, args, reference) -> dict:
@@ -240,6 +256,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scheduler", default="pndm", help="a SCHEDULER name (sd_backend.config.SCHEDULER_NAMES)")
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance-cutoff", type=float, default=1.0, help="GUIDANCE_CUTOFF for every system (diffusers: its CFG cutoff callback); 1 = off")
     parser.add_argument("--no-floor", action="store_true", help="skip the eager fp32 run (the noise floor of the check)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -284,7 +301,8 @@ def main() -> int:
         results.append(result)
         save(args, gpu, results, None)  # a run cut short keeps what it measured
     floor = None
-    if reference is not None and not args.no_floor:
+    # the fp32 run has no cutoff: its distance from a cut-off fp16 run would not be the noise floor
+    if reference is not None and not args.no_floor and args.guidance_cutoff >= 1.0:
         try:
             floor = fp32_floor(args, reference["latents"])
         except Exception as err:  # noqa: BLE001
@@ -303,6 +321,7 @@ def save(args, gpu: str, results: list, floor) -> None:
         "steps": args.steps,
         "size": args.size,
         "guidance": args.guidance,
+        "guidance_cutoff": args.guidance_cutoff,
         "scheduler": args.scheduler,
         "batch": args.batch,
         "eager_fp32_vs_fp16_latents_rel_l2": floor,
@@ -319,7 +338,8 @@ def markdown(record: dict) -> str:
     b = record["batch"]
     lines = [
         f"{record['gpu']}, {record['date']}, torch {record['torch']}, {record['model']}, fp16, "
-        f"{record['size']}x{record['size']}, {record['steps']} {record.get('scheduler', 'pndm')} steps, guidance {record.get('guidance', 7.5)}",
+        f"{record['size']}x{record['size']}, {record['steps']} {record.get('scheduler', 'pndm')} steps, guidance {record.get('guidance', 7.5)}"
+        + (f", guidance cutoff {record['guidance_cutoff']}" if record.get("guidance_cutoff", 1.0) < 1.0 else ""),
         "",
         f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 "
         "| latents rel L2 vs eager | VAE image vs eager, uint8 levels (max / mean) |",
