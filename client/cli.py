@@ -70,9 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         guidance_cutoff=args.guidance_cutoff,
     )
     if args.init_image:
-        if args.progress:
-            print("sd-client: --init-image does not stream progress yet; leave out --progress", file=sys.stderr)
-            return 2
         from PIL import Image
 
         try:

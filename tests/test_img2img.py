@@ -181,3 +181,13 @@ def test_sd_client_writes_an_image_to_image_png(server, tmp_path):
     made = Image.open(out)
     assert made.size == (96, 64) and made.text["strength"] == "0.7"
     assert main(["a boat", "--strength", "0.7", "--url", server.grpc_url]) == 2  # --strength alone
+
+
+def test_the_streaming_model_runs_image_to_image_as_the_ensemble(grpc):
+    image = init_image(64, 96, seed=5)
+    seen = []
+    streamed = grpc.stream("a paper boat", init_image=image, strength=0.5, seed=8, steps=STEPS, scheduler="pndm", on_progress=seen.append)
+    plain = grpc.generate("a paper boat", init_image=image, strength=0.5, seed=8, steps=STEPS, scheduler="pndm")
+    assert_same_image(streamed.image, plain.image, max_diff=0)
+    assert streamed.parameters["strength"] == 0.5
+    assert [p.total for p in seen][:1] == [STEPS // 2 + 1]  # PNDM's steps from the start step (one extra, as diffusers)

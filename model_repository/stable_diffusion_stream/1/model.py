@@ -20,6 +20,8 @@ from sd_backend.stages import DenoiseJob, UNetStage
 from sd_backend.streaming import Cancelled, step_reporter
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# what the vae_encoder model reads of a request (model_repository/vae_encoder/config.pbtxt)
+_ENCODER_INPUTS = ("INIT_IMAGE", "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH")
 
 
 def _call(model: str, inputs: list, outputs: list[str]) -> dict:
@@ -56,14 +58,20 @@ class TritonPythonModel:
 
     def _generate(self, request, sender):
         io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)  # PROMPT present, both within limits
-        params = self.stage.check(**io.read_generation_inputs(pb_utils, request))
+        image_to_image = pb_utils.get_input_tensor_by_name(request, "INIT_IMAGE") is not None
+        image_size = tuple(io.read_image(pb_utils, request).shape[:2]) if image_to_image else None
+        params = self.stage.check(image_size=image_size, **io.read_generation_inputs(pb_utils, request))
         every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
         if not 0 <= every <= params.steps:
             raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")
 
         texts = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in ("PROMPT", "NEGATIVE_PROMPT")) if t]
         encoded = _call("text_encoder", texts, [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
-        job = DenoiseJob(params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING))
+        moments = None
+        if image_to_image:  # the image's latent distribution, by the vae_encoder model (which checks it too)
+            given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in _ENCODER_INPUTS) if t]
+            moments = io.to_torch(_call("vae_encoder", given, ["INIT_MOMENTS"])["INIT_MOMENTS"])[0]
+        job = DenoiseJob(params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING), init_moments=moments)
 
         def send(step, total, preview):
             outputs = [
