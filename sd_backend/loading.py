@@ -120,6 +120,15 @@ def vae_scaling_factor(source: str) -> float:
     return float(AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())["scaling_factor"])
 
 
+def vae_latent_normalization(source: str) -> tuple[Any, Any]:
+    """(latents_mean, latents_std) of the VAE's config, or (None, None) where it has none."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    return (mean, std) if mean is not None and std is not None else (None, None)
+
+
 def native_size(source: str) -> int:
     """The model's own image side in pixels (512 for SD 1.5): the UNet's sample size times the VAE's scale."""
     from diffusers import UNet2DConditionModel

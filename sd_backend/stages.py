@@ -107,6 +107,7 @@ class UNetStage:
         self.dtype = dtype
         self.family = family
         self.latent_scaling = 1.0  # the VAE's scaling_factor, for image-to-image's initial latents
+        self.latents_mean = self.latents_std = None  # SDXL: the VAE's latent normalization, where its config has one
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
@@ -119,6 +120,8 @@ class UNetStage:
         scale, family = loading.vae_scale_factor(source), loading.family(source)
         stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, family)
         stage.latent_scaling = loading.vae_scaling_factor(source)
+        if family.is_sdxl:
+            stage.latents_mean, stage.latents_std = loading.vae_latent_normalization(source)
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
@@ -193,7 +196,12 @@ class UNetStage:
             job.init_moments[None].to(self.device, self.dtype).contiguous().contiguous(memory_format=torch.channels_last)
             for job in jobs
         ]
-        init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)]) * self.latent_scaling
+        init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)])
+        if self.latents_mean is not None:  # SDXL with a VAE that normalizes its latents, as its img2img pipeline
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(self.device, self.dtype) for v in (self.latents_mean, self.latents_std))
+            init = (init - mean) * self.latent_scaling / std
+        else:
+            init = self.latent_scaling * init
         noise = randn_tensor(init.shape, generator=generators, device=self.device, dtype=self.dtype)
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs)))
         embeds, added = self.conditioning(jobs)
@@ -226,6 +234,16 @@ class UNetStage:
         return embeds, {"text_embeds": rows("pooled", "negative_pooled"), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
 
 
+def _upcast_sdxl_vae(vae, dtype, family: ModelFamily):
+    """(vae, dtype) as diffusers' SDXL pipelines run the VAE: float32 where its config says
+    force_upcast and the deployment's dtype is float16 (SDXL's VAE overflows in float16)."""
+    import torch
+
+    if family.is_sdxl and dtype == torch.float16 and vae.config.force_upcast:
+        return vae.to(torch.float32), torch.float32
+    return vae, dtype
+
+
 class VAEEncoderStage:
     """INIT_IMAGE to the VAE's latent distribution: image-to-image's first step beside the
     text encoder. Prepared as diffusers' VaeImageProcessor prepares an RGB image (float32
@@ -244,12 +262,12 @@ class VAEEncoderStage:
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEEncoderStage":
         source, device, dtype = loading.placement(config, instance_device)
-        return cls(config, loading.load_vae(source, device, dtype), device, dtype, loading.family(source))
+        family = loading.family(source)
+        vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
+        return cls(config, vae, device, dtype, family)
 
     def check(self, image, **raw) -> GenerationParams:
         """The request's parameters with INIT_IMAGE's size as the result's (raises ValueError)."""
-        if self.family.is_sdxl:
-            raise ValueError("INIT_IMAGE: image-to-image is served for SD 1.x and 2.x models; this model is SDXL")
         return check_params(self.config, self.family, image_size=tuple(image.shape[:2]), **raw)
 
     def __call__(self, images: Sequence[Any]) -> list[Any]:
@@ -288,9 +306,7 @@ class VAEStage:
 
         source, device, dtype = loading.placement(config, instance_device)
         family = loading.family(source)
-        vae = loading.load_vae(source, device, dtype)
-        if family.is_sdxl and dtype == torch.float16 and vae.config.force_upcast:
-            vae, dtype = vae.to(torch.float32), torch.float32
+        vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
         stage = cls(vae, device, dtype, family)
         if str(device).startswith("cuda"):
             if config.opt_level != "eager":

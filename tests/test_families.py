@@ -195,3 +195,36 @@ def test_sdxl_guidance_cutoff_matches_diffusers_callback(tiny_xl, tiny_xl_pipeli
         callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds", "add_time_ids"],
     ).images[0]
     assert_same_image(result.image, (expected * 255).round().astype(np.uint8), max_diff=0)
+
+
+def test_sdxl_image_to_image_matches_diffusers(tiny_xl, tiny_xl_dir):
+    """StableDiffusionXLImg2ImgPipeline on the same weights: its final latents to the bit (the
+    stages in one process), the served image within one level (tests/test_img2img.py says why)."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.schedulers import make_scheduler
+    from sd_backend.stages import DenoiseJob, TextEncoderStage, UNetStage, VAEEncoderStage
+    from tests.test_img2img import init_image
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tiny_xl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+    image = init_image(seed=7)
+
+    def theirs(output_type):
+        return pipe(
+            "a watercolor fox", image=Image.fromarray(image), strength=0.6, num_inference_steps=5, guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(3), output_type=output_type,
+        ).images
+
+    config = DeploymentConfig(model=str(tiny_xl_dir), device="cpu")
+    text, encoder, unet = (stage.from_config(config) for stage in (TextEncoderStage, VAEEncoderStage, UNetStage))
+    e = text(["a watercolor fox"], [None])[0]
+    params = encoder.check(image, seed=3, steps=5, guidance=5.0, scheduler="euler", strength=0.6)
+    latents = unet([DenoiseJob(params, e.prompt_embeds, e.negative_embeds, e.pooled, e.negative_pooled, init_moments=encoder([image])[0])])[0]
+    assert (latents == theirs("latent")).all()
+    served = tiny_xl.generate("a watercolor fox", init_image=image, strength=0.6, seed=3, steps=5, guidance_scale=5.0, scheduler="euler")
+    assert_same_image(served.image, (theirs("np")[0] * 255).round().astype(np.uint8))
