@@ -4,7 +4,8 @@ No setting names the family, so none can be set wrong: the UNet's `addition_embe
 "text_time" is SDXL (two text encoders, pooled embedding, micro-conditioning time ids);
 otherwise one CLIP text encoder (SD 1.x, or SD 2.x when its cross-attention width is
 OpenCLIP-H's). The scheduler config gives the prediction type and the UNet's sample size
-times the VAE's scale the native image side.
+times the VAE's scale the native image side; the VAE's config its latent scaling (and,
+for SDXL, whose pipelines apply it, its latent normalization).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class ModelFamily:
     pooled_dim: int = 0  # SDXL: width of text_encoder_2's projected (pooled) embedding
     zero_negative: bool = False  # SDXL's force_zeros_for_empty_prompt: no NEGATIVE_PROMPT is zeros, not ""
     scheduler: str = "pndm"  # the request name of the scheduler its own config names (PNDM if none here)
+    vae_scale: int = 8  # pixels per latent along each side: 2^(VAE blocks - 1)
+    latent_scaling: float = 0.18215  # the VAE's scaling_factor
+    latents_mean: tuple[float, ...] | None = None  # SDXL: the VAE's per-channel latent normalization,
+    latents_std: tuple[float, ...] | None = None  # where its config has one (SD 1.x/2.x pipelines ignore it)
 
     @property
     def is_sdxl(self) -> bool:
@@ -56,9 +61,14 @@ def read_family(source: str) -> ModelFamily:
     root = Path(source)
     unet, vae = _config(root, "unet"), _config(root, "vae")
     scheduler = _config(root, "scheduler", "scheduler_config.json")
-    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    prediction = scheduler.get("prediction_type", "epsilon")
-    own = name_of(scheduler.get("_class_name", "")) or "pndm"
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    common = dict(
+        native_size=unet["sample_size"] * scale,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        scheduler=name_of(scheduler.get("_class_name", "")) or "pndm",
+        vae_scale=scale,
+        latent_scaling=float(vae.get("scaling_factor", 0.18215)),  # AutoencoderKL's default
+    )
     if unet.get("addition_embed_type") == "text_time":
         text_2 = _config(root, "text_encoder_2")
         pooled = text_2.get("projection_dim", 0)
@@ -69,7 +79,10 @@ def read_family(source: str) -> ModelFamily:
                 f"a pooled embedding of {expected} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)"
             )
         index = _config(root, ".", "model_index.json")
-        return ModelFamily("sdxl", native, prediction, pooled, bool(index.get("force_zeros_for_empty_prompt", True)), own)
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        if mean is not None and std is not None:
+            common |= dict(latents_mean=tuple(mean), latents_std=tuple(std))
+        return ModelFamily("sdxl", pooled_dim=pooled, zero_negative=bool(index.get("force_zeros_for_empty_prompt", True)), **common)
     if unet.get("addition_embed_type") is not None:
         raise ValueError(f"model: {source}: the UNet's addition_embed_type {unet['addition_embed_type']!r} is not served; allowed: none (SD 1.x/2.x) or 'text_time' (SDXL)")
-    return ModelFamily("sd2" if unet.get("cross_attention_dim") == 1024 else "sd1", native, prediction, scheduler=own)
+    return ModelFamily("sd2" if unet.get("cross_attention_dim") == 1024 else "sd1", **common)

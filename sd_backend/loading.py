@@ -98,39 +98,8 @@ def load_scheduler_config(source: str) -> dict[str, Any]:
     return dict(PNDMScheduler.load_config(source, subfolder="scheduler", **_hub_kwargs()))
 
 
-def vae_scale_factor(source: str) -> int:
-    """2^(number of VAE blocks - 1): pixels per latent along each side."""
-    from diffusers import AutoencoderKL
-
-    vae_config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def family(source: str):
     """The model family of `source` (sd_backend.family), read from its own configs."""
     from .family import read_family
 
     return read_family(source)
-
-
-def vae_scaling_factor(source: str) -> float:
-    """The VAE's latent scaling factor (0.18215 for SD 1.x/2.x, 0.13025 for SDXL)."""
-    from diffusers import AutoencoderKL
-
-    return float(AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())["scaling_factor"])
-
-
-def vae_latent_normalization(source: str) -> tuple[Any, Any]:
-    """(latents_mean, latents_std) of the VAE's config, or (None, None) where it has none."""
-    from diffusers import AutoencoderKL
-
-    config = AutoencoderKL.load_config(source, subfolder="vae", **_hub_kwargs())
-    mean, std = config.get("latents_mean"), config.get("latents_std")
-    return (mean, std) if mean is not None and std is not None else (None, None)
-
-
-def native_size(source: str) -> int:
-    """The model's own image side in pixels (512 for SD 1.5): the UNet's sample size times the VAE's scale."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.load_config(source, subfolder="unet", **_hub_kwargs())["sample_size"] * vae_scale_factor(source)

@@ -106,8 +106,6 @@ class UNetStage:
         self.device = device
         self.dtype = dtype
         self.family = family
-        self.latent_scaling = 1.0  # the VAE's scaling_factor, for image-to-image's initial latents
-        self.latents_mean = self.latents_std = None  # SDXL: the VAE's latent normalization, where its config has one
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
 
@@ -117,11 +115,8 @@ class UNetStage:
         loop that runs step by step, as the streaming model's does)."""
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
-        scale, family = loading.vae_scale_factor(source), loading.family(source)
-        stage = cls(config, unet, loading.load_scheduler_config(source), scale, device, dtype, family)
-        stage.latent_scaling = loading.vae_scaling_factor(source)
-        if family.is_sdxl:
-            stage.latents_mean, stage.latents_std = loading.vae_latent_normalization(source)
+        family = loading.family(source)
+        stage = cls(config, unet, loading.load_scheduler_config(source), family.vae_scale, device, dtype, family)
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
@@ -156,28 +151,32 @@ class UNetStage:
         first = params[0]
         scheduler = make_scheduler(first.scheduler, self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=self.device)
-        if first.strength is not None:
-            return self._image_to_image(jobs, scheduler, callback)
-        latents, generators = prepare_latents(
-            params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
-        )
+        timesteps = None  # all of the scheduler's
+        if first.strength is None:
+            latents, generators = prepare_latents(
+                params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
+            )
+        else:
+            latents, generators, timesteps = self._noised_images(jobs, scheduler)
         embeds, added = self.conditioning(jobs)
         guidance = None
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
-        captured = self.graphs.find(first, len(jobs)) if self.graphs is not None and callback is None else None
+        # no captured loops for image-to-image yet: its loop starts part way
+        graphed = self.graphs is not None and callback is None and timesteps is None
+        captured = self.graphs.find(first, len(jobs)) if graphed else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
-            guidance_cutoff=first.guidance_cutoff,
+            timesteps=timesteps, guidance_cutoff=first.guidance_cutoff,
         )
 
-    def _image_to_image(self, jobs: Sequence[DenoiseJob], scheduler, callback=None):
-        """diffusers' StableDiffusionImg2ImgPipeline from its prepare_latents on: the loop starts
-        at the params' start_step; each image's generator first samples INIT_IMAGE's latent
-        distribution, then draws the noise it is blended with at the start step's noise level.
-        Always the eager loop (no captured graphs for image-to-image yet)."""
+    def _noised_images(self, jobs: Sequence[DenoiseJob], scheduler):
+        """(latents, generators, the loop's timesteps) of image-to-image, as diffusers'
+        StableDiffusionImg2ImgPipeline prepares them: the loop starts at the params'
+        start_step; each image's generator first samples INIT_IMAGE's latent distribution,
+        then draws the noise it is blended with at the start step's noise level."""
         import torch
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
@@ -197,21 +196,14 @@ class UNetStage:
             for job in jobs
         ]
         init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)])
-        if self.latents_mean is not None:  # SDXL with a VAE that normalizes its latents, as its img2img pipeline
-            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(self.device, self.dtype) for v in (self.latents_mean, self.latents_std))
-            init = (init - mean) * self.latent_scaling / std
+        statistics = _latent_statistics(self.family, init)
+        if statistics is not None:  # as SDXL's image-to-image pipeline normalizes them
+            mean, std = statistics
+            init = (init - mean) * self.family.latent_scaling / std
         else:
-            init = self.latent_scaling * init
+            init = self.family.latent_scaling * init
         noise = randn_tensor(init.shape, generator=generators, device=self.device, dtype=self.dtype)
-        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs)))
-        embeds, added = self.conditioning(jobs)
-        guidance = None
-        if first.uses_guidance:
-            guidance = torch.tensor([job.params.guidance for job in jobs], device=self.device).view(-1, 1, 1, 1)
-        return denoise(
-            self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
-            timesteps=timesteps, guidance_cutoff=first.guidance_cutoff,
-        )
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs))), generators, timesteps
 
     def conditioning(self, jobs: Sequence[DenoiseJob]):
         """(encoder_hidden_states, added_cond_kwargs) of one group's UNet calls, as diffusers'
@@ -232,6 +224,16 @@ class UNetStage:
         p = jobs[0].params
         time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], device=self.device, dtype=self.dtype)
         return embeds, {"text_embeds": rows("pooled", "negative_pooled"), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
+
+
+def _latent_statistics(family: ModelFamily | None, like):
+    """The family's per-channel latents_mean and latents_std as (1, C, 1, 1) tensors on
+    `like`'s device and dtype, or None where it has none (all but some SDXL VAEs)."""
+    import torch
+
+    if family is None or family.latents_mean is None:
+        return None
+    return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (family.latents_mean, family.latents_std))
 
 
 def _upcast_sdxl_vae(vae, dtype, family: ModelFamily):
@@ -297,13 +299,11 @@ class VAEStage:
         self.vae = vae
         self.device = device
         self.dtype = dtype
-        self.sdxl = family is not None and family.is_sdxl
+        self.family = family
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched VAE
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
-        import torch
-
         source, device, dtype = loading.placement(config, instance_device)
         family = loading.family(source)
         vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
@@ -356,11 +356,9 @@ class VAEStage:
         return results
 
     def _denormalize(self, latents):
-        import torch
-
-        cfg = self.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if self.sdxl and mean is not None and std is not None:
-            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
-            return latents * std / cfg.scaling_factor + mean
-        return latents / cfg.scaling_factor
+        scaling = self.vae.config.scaling_factor
+        statistics = _latent_statistics(self.family, latents)
+        if statistics is not None:  # as SDXL's pipeline denormalizes them
+            mean, std = statistics
+            return latents * std / scaling + mean
+        return latents / scaling

@@ -73,7 +73,7 @@ def test_sd21_native_size_and_prediction_come_from_its_files(tmp_path):
     from sd_backend.checkpoints import _write_configs
 
     _write_configs("sd21-random", tmp_path)
-    assert loading.native_size(str(tmp_path)) == 768
+    assert loading.family(str(tmp_path)).native_size == 768
     unet = json.loads((tmp_path / "unet" / "config.json").read_text())
     heads = unet["attention_head_dim"]
     assert [width // count for width, count in zip(unet["block_out_channels"], heads)] == [64, 64, 64, 64]
