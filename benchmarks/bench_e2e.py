@@ -70,6 +70,27 @@ def diffusers_pipeline(model_dir: str, dtype, scheduler: str):
     return pipe.to("cuda")
 
 
+def BatchedCFGCutoff(sdxl: bool):
+    """diffusers' SDCFGCutoffCallback / SDXLCFGCutoffCallback for any batch: they keep row -1 of
+    each conditioning tensor, which is the conditional half only at batch 1 (at batch 8 the UNet
+    then gets one prompt row for eight latents and fails); this keeps the conditional half,
+    which is the same row at batch 1."""
+    from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+    base = SDXLCFGCutoffCallback if sdxl else SDCFGCutoffCallback
+
+    class Batched(base):
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            ratio, index = self.config.cutoff_step_ratio, self.config.cutoff_step_index
+            if step_index == (index if index is not None else int(pipeline.num_timesteps * ratio)):
+                for name in self.tensor_inputs:
+                    callback_kwargs[name] = callback_kwargs[name].chunk(2)[1]
+                pipeline._guidance_scale = 0.0
+            return callback_kwargs
+
+    return Batched
+
+
 class DiffusersSystem:
     """diffusers' pipeline, optionally with torch.compile."""
 
@@ -101,14 +122,12 @@ class DiffusersSystem:
     def _cutoff_callback(self) -> dict:
         """diffusers' own guidance cutoff (what GUIDANCE_CUTOFF equals), below 1 only."""
         from diffusers import StableDiffusionXLPipeline
-        from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 
         if self.cutoff >= 1.0:
             return {}
-        if isinstance(self.pipe, StableDiffusionXLPipeline):
-            inputs = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
-            return dict(callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=self.cutoff), callback_on_step_end_tensor_inputs=inputs)
-        return dict(callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=self.cutoff), callback_on_step_end_tensor_inputs=["prompt_embeds"])
+        sdxl = isinstance(self.pipe, StableDiffusionXLPipeline)
+        callback = BatchedCFGCutoff(sdxl)(cutoff_step_ratio=self.cutoff)
+        return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
 
     def latents(self, seed: int):
         return self.run(1, seed, output_type="latent")[0]
