@@ -107,6 +107,7 @@ class SDClient:
             "STEPS": (parameters.get("steps"), "INT32"),
             "GUIDANCE_SCALE": (parameters.get("guidance_scale"), "FP32"),
             "GUIDANCE_CUTOFF": (parameters.get("guidance_cutoff"), "FP32"),
+            "CACHE_INTERVAL": (parameters.get("cache_interval"), "INT32"),
             "HEIGHT": (parameters.get("height"), "INT32"),
             "WIDTH": (parameters.get("width"), "INT32"),
             "SCHEDULER": (parameters.get("scheduler"), "BYTES"),
@@ -141,13 +142,16 @@ class SDClient:
         width: int | None = None,
         scheduler: str | None = None,
         guidance_cutoff: float | None = None,
+        cache_interval: int | None = None,
         init_image: np.ndarray | None = None,
         strength: float | None = None,
     ) -> GenerationResult:
         """Generate one image; raises tritonclient's InferenceServerException on a server error.
         With `init_image` (uint8 (height, width, 3)) it is image-to-image: the image is the
         start, `strength` (0-1, the server's default when None) how much of it is noised away.
-        `guidance_cutoff` below 1 stops guidance after that fraction of the steps (faster, not exact)."""
+        `guidance_cutoff` below 1 stops guidance after that fraction of the steps, and
+        `cache_interval` above 1 runs the whole UNet at every that-many-th step only
+        (DeepCache): both faster, not exact."""
         parameters = dict(
             negative_prompt=negative_prompt,
             seed=seed,
@@ -157,6 +161,7 @@ class SDClient:
             width=width,
             scheduler=scheduler,
             guidance_cutoff=guidance_cutoff,
+            cache_interval=cache_interval,
             init_image=init_image,
             strength=strength,
         )

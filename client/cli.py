@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size, 512 for SD 1.5)")
     parser.add_argument("--scheduler", help="pndm, ddim, euler, euler_a, dpmpp_2m, lcm (default: the server's, pndm as shipped)")
     parser.add_argument("--guidance-cutoff", type=float, help="stop guidance after this fraction of the steps: faster, not exact (default: the server's, 1 = never, as shipped)")
+    parser.add_argument("--cache-interval", type=int, help="DeepCache: run the whole UNet at every N-th step only: faster, not exact (default: the server's, 1 = every step, as shipped)")
     parser.add_argument("--init-image", help="image-to-image: start from this image (its size is the result's; sides multiples of 8)")
     parser.add_argument("--strength", type=float, help="image-to-image: how much of the image is noised away, above 0 up to 1 (default: the server's, 0.8 as shipped)")
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width,
         scheduler=args.scheduler,
         guidance_cutoff=args.guidance_cutoff,
+        cache_interval=args.cache_interval,
     )
     if args.init_image:
         from PIL import Image

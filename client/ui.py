@@ -37,6 +37,7 @@ FIELDS = {
     "steps": int,
     "guidance_scale": float,
     "guidance_cutoff": float,
+    "cache_interval": int,
     "height": int,
     "width": int,
     "scheduler": str,

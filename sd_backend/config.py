@@ -118,6 +118,18 @@ class DeploymentConfig:
     default; below 1 trades fidelity for speed (the steps after it run the UNet at half
     the batch), so it is opt-in."""
 
+    default_cache_interval: int = 1
+    """DeepCache (Ma et al., CVPR 2024) when a request leaves `CACHE_INTERVAL` out: the whole
+    UNet runs at every N-th step only, and in between only its shallow branch on the deep
+    features the last full step left (DeepCache's DeepCacheSDHelper, uniform). 1 runs it
+    at every step: exact mode, the default; above 1 trades fidelity for speed: opt-in."""
+
+    cache_branch: int = 0
+    """DeepCache's cache_branch_id for requests with CACHE_INTERVAL above 1: how shallow the
+    branch recomputed between full steps is (0, the shallowest, skips the most; branch k is
+    layer k % 3 of block k // 3, as DeepCacheSDHelper numbers them). Checked against the
+    UNet at load."""
+
     default_strength: float = 0.8
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
     `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
@@ -159,6 +171,10 @@ class DeploymentConfig:
             )
         if not 0.0 <= self.default_guidance_cutoff <= 1.0:
             raise ValueError(f"default_guidance_cutoff: {self.default_guidance_cutoff} is out of range; allowed 0 to 1")
+        if self.default_cache_interval < 1:
+            raise ValueError(f"default_cache_interval: {self.default_cache_interval} is out of range; allowed 1 or more (1: off)")
+        if self.cache_branch < 0:
+            raise ValueError(f"cache_branch: {self.cache_branch} is out of range; allowed 0 or more")
         if not 0.0 < self.default_strength <= 1.0:
             raise ValueError(f"default_strength: {self.default_strength} is out of range; allowed above 0 up to 1")
         if self.opt_level not in OPT_LEVELS:

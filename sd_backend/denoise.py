@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .deepcache import DeepCache, full_steps
 from .params import GenerationParams
 from .schedulers import step_kwargs
 
@@ -23,7 +24,7 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
 
 def denoise(
     unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None,
-    added_cond_kwargs=None, timesteps=None, guidance_cutoff: float = 1.0,
+    added_cond_kwargs=None, timesteps=None, guidance_cutoff: float = 1.0, cache_interval: int = 1, cache_branch: int = 0,
 ):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
@@ -34,7 +35,10 @@ def denoise(
     (image-to-image starts part way, the scheduler's begin index set to match).
     `guidance_cutoff` below 1 stops guidance after the step at int(steps x cutoff), as
     diffusers' SDCFGCutoffCallback / SDXLCFGCutoffCallback do: the later steps run the
-    conditional rows alone, guidance 0 (not with step_constants: their tables hold every row). `unet_timesteps`,
+    conditional rows alone, guidance 0 (not with step_constants: their tables hold every row).
+    `cache_interval` above 1 runs the whole UNet at every cache_interval-th step only and its
+    shallow branch `cache_branch` in between, as DeepCache's DeepCacheSDHelper
+    (sd_backend.deepcache; not with step_constants either). `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
@@ -50,13 +54,20 @@ def denoise(
         cutoff = int(len(timesteps) * guidance_cutoff) if guidance is not None else len(timesteps)
         if cutoff < len(timesteps) and step_constants is not None:
             raise ValueError("denoise: a guidance cutoff needs the loop without step constants")
+        deep_cache = None
+        if cache_interval > 1:
+            if step_constants is not None:
+                raise ValueError("denoise: DeepCache needs the loop without step constants")
+            deep_cache = DeepCache(unet, full_steps(scheduler.timesteps, timesteps, cache_interval), cache_branch)
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            unet_t = t if unet_timesteps is None else unet_timesteps[i]
             if step_constants is not None:
                 noise = step_constants.unet_step(i, model_input)
+            elif deep_cache is not None:
+                noise = deep_cache(i, model_input, unet_t, embeds, added_cond_kwargs)
             else:
-                unet_t = t if unet_timesteps is None else unet_timesteps[i]
                 noise = unet(model_input, unet_t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
             if guidance is not None:
                 uncond, cond = noise.chunk(2)
@@ -65,6 +76,8 @@ def denoise(
             if i == cutoff:  # the conditional half of every row set from here on (negatives come first)
                 rows = embeds.shape[0] // 2
                 embeds, guidance = embeds[rows:], None
+                if deep_cache is not None:
+                    deep_cache.keep_rows(rows)
                 if added_cond_kwargs is not None:
                     added_cond_kwargs = {name: value[rows:] for name, value in added_cond_kwargs.items()}
             if callback is not None:

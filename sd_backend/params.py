@@ -30,6 +30,7 @@ class GenerationParams:
     scheduler: str
     strength: float | None = None  # image-to-image: how much of INIT_IMAGE is noised away; None for text-to-image
     guidance_cutoff: float = 1.0  # the fraction of the loop's steps after which guidance stops (1: never)
+    cache_interval: int = 1  # DeepCache: the whole UNet runs at every cache_interval-th step only (1: every step)
 
     @property
     def start_step(self) -> int:
@@ -46,7 +47,10 @@ class GenerationParams:
     def group_key(self) -> tuple:
         """Requests with the same key run as one batch through the denoising loop."""
         cutoff = self.guidance_cutoff if self.uses_guidance else 1.0
-        return (self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step, cutoff)
+        return (
+            self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step,
+            cutoff, self.cache_interval,
+        )
 
     def record(self, model: str) -> dict[str, Any]:
         """Everything the image was made with, defaults included, under the client's names
@@ -60,6 +64,7 @@ class GenerationParams:
             "width": self.width,
             "scheduler": self.scheduler,
             "guidance_cutoff": self.guidance_cutoff,
+            "cache_interval": self.cache_interval,
         } | ({"strength": self.strength} if self.strength is not None else {})
 
 
@@ -101,6 +106,7 @@ def check_params(
     scheduler: Any = None,
     strength: Any = None,
     guidance_cutoff: Any = None,
+    cache_interval: Any = None,
     image_size: tuple[int, int] | None = None,
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
@@ -179,4 +185,13 @@ def check_params(
         raise ValueError(
             f"GUIDANCE_CUTOFF: {cutoff} is out of range; allowed 0 to 1 (the fraction of the steps after which guidance stops; 1: never)"
         )
-    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff)
+    if cache_interval is None:  # the deployment's default, at most every step of a short loop
+        interval = min(config.default_cache_interval, steps)
+    else:
+        interval = _as_int("CACHE_INTERVAL", cache_interval)
+        if not 1 <= interval <= steps:
+            raise ValueError(
+                f"CACHE_INTERVAL: {interval} is out of range; allowed 1 to STEPS ({steps}): the whole UNet runs at every "
+                "CACHE_INTERVAL-th step, its shallow branch in between (1: every step, exact)"
+            )
+    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff, interval)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from . import loading
 from .config import DeploymentConfig
+from .deepcache import check_branch
 from .denoise import denoise, prepare_latents
 from .family import ModelFamily
 from .params import GenerationParams, check_params
@@ -117,6 +118,7 @@ class UNetStage:
         unet = loading.load_unet(source, device, dtype)
         family = loading.family(source)
         stage = cls(config, unet, loading.load_scheduler_config(source), family.vae_scale, device, dtype, family)
+        check_branch(unet, config.cache_branch)  # a deployment setting: wrong for this UNet fails the load
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
 
@@ -169,7 +171,8 @@ class UNetStage:
             return captured.run(latents, embeds, guidance, generators, added)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
-            timesteps=timesteps, guidance_cutoff=first.guidance_cutoff,
+            timesteps=timesteps, guidance_cutoff=first.guidance_cutoff, cache_interval=first.cache_interval,
+            cache_branch=self.config.cache_branch,
         )
 
     def _noised_images(self, jobs: Sequence[DenoiseJob], scheduler):

@@ -74,12 +74,12 @@ CONDITIONING = ("PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "POOLED_EMBEDS", "NEGATIVE_P
 # the ensemble's numeric generation inputs and the keyword each has in check_params
 GENERATION_NUMBERS = {
     "SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width", "STRENGTH": "strength",
-    "GUIDANCE_CUTOFF": "guidance_cutoff",
+    "GUIDANCE_CUTOFF": "guidance_cutoff", "CACHE_INTERVAL": "cache_interval",
 }
 
 
 def read_generation_inputs(pb, request) -> dict[str, Any]:
-    """SEED, STEPS, GUIDANCE_SCALE, GUIDANCE_CUTOFF, HEIGHT, WIDTH, STRENGTH and SCHEDULER as
+    """SEED, STEPS, GUIDANCE_SCALE, GUIDANCE_CUTOFF, CACHE_INTERVAL, HEIGHT, WIDTH, STRENGTH and SCHEDULER as
     check_params keywords (None where absent, so the deployment default applies)."""
     raw = {arg: read_scalar(pb, request, name) for name, arg in GENERATION_NUMBERS.items()}
     raw["scheduler"] = read_text(pb, request, "SCHEDULER")

@@ -197,6 +197,26 @@ def test_sdxl_guidance_cutoff_matches_diffusers_callback(tiny_xl, tiny_xl_pipeli
     assert_same_image(result.image, (expected * 255).round().astype(np.uint8), max_diff=0)
 
 
+def test_sdxl_deepcache_with_a_guidance_cutoff_matches_deepcaches_helper(tiny_xl, tiny_xl_pipeline):
+    """CACHE_INTERVAL on SDXL (its added embeddings at the cached steps too), with and without
+    GUIDANCE_CUTOFF: DeepCache's DeepCacheSDHelper on diffusers' SDXL pipeline."""
+    import torch
+
+    from sd_backend.schedulers import make_scheduler
+    from tests.test_deepcache import cutoff_with_cache, deep_cache_helper
+
+    tiny_xl_pipeline.scheduler = make_scheduler("euler", dict(tiny_xl_pipeline.scheduler.config))
+    for cutoff in (None, 0.5):
+        result = tiny_xl.generate("a watercolor fox", seed=6, steps=6, guidance_scale=5.0, scheduler="euler", cache_interval=3, guidance_cutoff=cutoff)
+        with deep_cache_helper(tiny_xl_pipeline, 3) as helper:
+            extra = cutoff_with_cache(helper, cutoff, sdxl=True) if cutoff is not None else {}
+            expected = tiny_xl_pipeline(
+                "a watercolor fox", num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(6),
+                output_type="np", **extra,
+            ).images[0]
+        assert_same_image(result.image, (expected * 255).round().astype(np.uint8), max_diff=0)
+
+
 def test_sdxl_image_to_image_matches_diffusers(tiny_xl, tiny_xl_dir):
     """StableDiffusionXLImg2ImgPipeline on the same weights: its final latents to the bit (the
     stages in one process), the served image within one level (tests/test_img2img.py says why)."""

@@ -65,8 +65,10 @@ class CapturedLoop:
         self.scheduler_name = params.scheduler
         self.steps = params.steps
         self.cutoff = params.guidance_cutoff if params.uses_guidance else 1.0
-        # the step constants' tables hold every row; after a guidance cutoff the UNet gets half of them
-        self.hoist = hoist and self.cutoff >= 1.0
+        self.cache_interval = params.cache_interval
+        # the step constants' tables hold every row (after a guidance cutoff the UNet gets half
+        # of them) and are read by the UNet's own forward (DeepCache's steps call its blocks)
+        self.hoist = hoist and self.cutoff >= 1.0 and self.cache_interval == 1
         unet = stage.unet
         latent_shape = (bucket, unet.config.in_channels, params.height // stage.vae_scale, params.width // stage.vae_scale)
         device, dtype = stage.device, stage.dtype
@@ -111,6 +113,7 @@ class CapturedLoop:
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
                 step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff,
+                cache_interval=self.cache_interval, cache_branch=self.stage.config.cache_branch,
             )
 
     def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None):

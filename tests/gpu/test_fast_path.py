@@ -33,15 +33,21 @@ def stage(request, cache_dir):
     stage = UNetStage.from_config(config)
     for name in SCHEDULER_NAMES:
         stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=name), (1, 4))
+    for scheduler, skipping in SKIPPING:
+        stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=scheduler, **skipping), (1, 4))
     return stage
 
 
-def _jobs(stage, scheduler, seeds, guidance=7.5):
+# computation skipping (opt-in) captured like any other key: DeepCache alone and with a guidance cutoff
+SKIPPING = [("pndm", dict(cache_interval=3)), ("euler_a", dict(cache_interval=2, guidance_cutoff=0.5))]
+
+
+def _jobs(stage, scheduler, seeds, guidance=7.5, **skipping):
     hidden = stage.unet.config.cross_attention_dim
     jobs = []
     for s in seeds:
         gen = torch.Generator().manual_seed(s)  # the prompt embeddings belong to the seed too
-        params = stage.check(seed=s, steps=STEPS, scheduler=scheduler, guidance=guidance)
+        params = stage.check(seed=s, steps=STEPS, scheduler=scheduler, guidance=guidance, **skipping)
         embeds = [torch.randn(77, hidden, generator=gen) for _ in range(2)]
         pooled = [torch.randn(stage.family.pooled_dim, generator=gen) for _ in range(2)] if stage.family.is_sdxl else []
         jobs.append(DenoiseJob(params, *embeds, *pooled))
@@ -65,6 +71,18 @@ def test_graph_loop_matches_eager_loop(stage, scheduler):
     eager = _eager(stage, jobs)
     assert torch.isfinite(graphed).all()
     assert rel_l2(graphed, eager) < 2e-2, rel_l2(graphed, eager)
+
+
+@pytest.mark.parametrize("scheduler, skipping", SKIPPING)
+def test_graph_loop_with_computation_skipping_matches_eager_loop(stage, scheduler, skipping):
+    jobs = _jobs(stage, scheduler, [11, 12, 13], **skipping)  # 3 in the bucket of 4
+    assert stage.graphs.find(jobs[0].params, 3) is not None
+    graphed = torch.cat(stage(jobs))
+    eager = _eager(stage, jobs)
+    exact = _eager(stage, _jobs(stage, scheduler, [11, 12, 13]))
+    assert torch.isfinite(graphed).all()
+    assert rel_l2(graphed, eager) < 2e-2, rel_l2(graphed, eager)
+    assert rel_l2(eager, exact) > 1e-3  # the skipping really changed the loop
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_a"])
