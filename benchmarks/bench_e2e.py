@@ -164,11 +164,16 @@ class StagesSystem:
         )
         self.engine = Engine(config)
 
-    def run(self, batch: int, seed: int):
-        return self.engine.generate([PROMPT] * batch, seed=[seed + i for i in range(batch)])
+    def run(self, batch: int, seed: int, **skipping):
+        return self.engine.generate([PROMPT] * batch, seed=[seed + i for i in range(batch)], **skipping)
 
-    def latents(self, seed: int):
-        return self.engine.latents([PROMPT], seed=seed)[0][0]
+    def latents(self, seed: int, **skipping):
+        return self.engine.latents([PROMPT], seed=seed, **skipping)[0][0]
+
+    def capture(self, batch: int, **skipping) -> float:
+        """Capture the loops of a request with `skipping` at batch 1 and `batch`; seconds spent."""
+        unet = self.engine.unet
+        return unet.graphs.capture(unet.check(seed=0, **skipping), (1, batch))
 
     def decode(self, latents):
         return self.engine.vae([latents[None]])[0]
@@ -212,32 +217,9 @@ def measure(name: str, args, reference) -> dict:
     first_image_s = sync_time() - start
     load_peak = torch.cuda.max_memory_allocated()
 
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.repeats):
-        t0 = sync_time()
-        system.run(1, seed=100 + i)
-        times.append(sync_time() - t0)
-    peak_b1 = torch.cuda.max_memory_allocated()
-
-    system.run(args.batch, seed=200)  # warm-up at this batch (compile re-traces, graphs exist)
-    rates = []
-    for i in range(2):
-        t0 = sync_time()
-        system.run(args.batch, seed=300 + i)
-        rates.append(args.batch / (sync_time() - t0))
-
+    result = {"system": name} | timings(system, args)
+    result |= {"start_to_first_image_s": first_image_s, "peak_mem_load_gib": load_peak / 2**30}
     latents = system.latents(seed=1)
-    result = {
-        "system": name,
-        "batch1_s_median": statistics.median(times),
-        "batch1_s_min": min(times),
-        "batch1_s_all": times,
-        f"batch{args.batch}_images_per_s": max(rates),
-        "start_to_first_image_s": first_image_s,
-        "peak_mem_batch1_gib": peak_b1 / 2**30,
-        "peak_mem_load_gib": load_peak / 2**30,
-    }
     if name.startswith("triton"):
         engine = system.engine
         result["kernel_dispatch"] = [
@@ -253,8 +235,60 @@ def measure(name: str, args, reference) -> dict:
         result["vae_image_abs_diff_vs_eager"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     else:
         result["_reference"] = {"latents": latents, "image": system.decode(latents)}
+    settings = [skipping_row(name, system, args, reference, latents, setting) for setting in args.skipping] if hasattr(system, "capture") else []
     del system
-    return result
+    return [result] + settings
+
+
+def timings(system, args, **skipping) -> dict:
+    """Seconds per image at batch 1 (--repeats runs) and images/s at --batch (best of 2)."""
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.repeats):
+        t0 = sync_time()
+        system.run(1, seed=100 + i, **skipping)
+        times.append(sync_time() - t0)
+    peak_b1 = torch.cuda.max_memory_allocated()
+    system.run(args.batch, seed=200, **skipping)  # warm-up at this batch (compile re-traces, graphs exist)
+    rates = []
+    for i in range(2):
+        t0 = sync_time()
+        system.run(args.batch, seed=300 + i, **skipping)
+        rates.append(args.batch / (sync_time() - t0))
+    return {
+        "batch1_s_median": statistics.median(times),
+        "batch1_s_min": min(times),
+        "batch1_s_all": times,
+        f"batch{args.batch}_images_per_s": max(rates),
+        "peak_mem_batch1_gib": peak_b1 / 2**30,
+    }
+
+
+def skipping_row(name: str, system, args, reference, exact_latents, setting: dict) -> dict:
+    """One --skipping setting on a stages system already measured in exact mode: its loops
+    captured, timed alike, and its distance from exact mode on the same seed (the system's
+    own exact latents and image; eager's too, where eager ran)."""
+    label = f"{name} " + " ".join(f"{k.replace('_', ' ')} {v}" for k, v in setting.items())
+    print(f"--- {label}", flush=True)
+    try:
+        capture_s = system.capture(args.batch, **setting)
+        row = {"system": label, "skipping": setting, "capture_s": capture_s} | timings(system, args, **setting)
+        latents = system.latents(seed=1, **setting)
+        row["latents_rel_l2_vs_exact"] = rel_l2(latents, exact_latents)
+        row["image_psnr_vs_exact_db"] = psnr(system.decode(latents), system.decode(exact_latents))
+        if reference is not None:
+            row["latents_rel_l2_vs_eager_fp16"] = rel_l2(latents, reference["latents"])
+    except Exception as err:  # noqa: BLE001 - one setting failing must not lose the others
+        traceback.print_exc()
+        row = {"system": label, "error": f"{type(err).__name__}: {err}"[:2000]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def psnr(image, reference) -> float:
+    """PSNR in dB of two uint8 images (inf when equal)."""
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def fp32_floor(args, reference_latents) -> float:
@@ -264,6 +298,17 @@ def fp32_floor(args, reference_latents) -> float:
                generator=[torch.Generator().manual_seed(1)], output_type="latent").images[0]
     del pipe
     return rel_l2(out, reference_latents)
+
+
+def parse_skipping(text: str) -> list[dict]:
+    settings = []
+    for item in filter(None, text.split(",")):
+        try:
+            cutoff, interval = item.split(":")
+            settings.append({"guidance_cutoff": float(cutoff), "cache_interval": int(interval)})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not GUIDANCE_CUTOFF:CACHE_INTERVAL (e.g. 0.4:3)") from None
+    return settings
 
 
 def main() -> int:
@@ -276,6 +321,11 @@ def main() -> int:
     parser.add_argument("--scheduler", default="pndm", help="a SCHEDULER name (sd_backend.config.SCHEDULER_NAMES)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--guidance-cutoff", type=float, default=1.0, help="GUIDANCE_CUTOFF for every system (diffusers: its CFG cutoff callback); 1 = off")
+    parser.add_argument(
+        "--skipping", default="", type=parse_skipping,
+        help="comma list of GUIDANCE_CUTOFF:CACHE_INTERVAL settings each stages system is also measured with, "
+        "on the same engine after its exact row (e.g. 0.4:1,1:3,0.4:3)",
+    )
     parser.add_argument("--no-floor", action="store_true", help="skip the eager fp32 run (the noise floor of the check)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -308,16 +358,16 @@ def main() -> int:
     for name in systems:
         print(f"--- {name}", flush=True)
         try:
-            result = measure(name, args, reference)
+            result, *settings = measure(name, args, reference)
         except Exception as err:  # noqa: BLE001 - one system failing must not lose the others
             traceback.print_exc()
-            result = {"system": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+            result, settings = {"system": name, "error": f"{type(err).__name__}: {err}"[:2000]}, []
         if name == "eager" and "_reference" in result:
             reference = result.pop("_reference")
             result["latents_rel_l2_vs_eager_fp16"] = 0.0
         result.pop("_reference", None)
         print(json.dumps(result), flush=True)
-        results.append(result)
+        results += [result] + settings
         save(args, gpu, results, None)  # a run cut short keeps what it measured
     floor = None
     # the fp32 run has no cutoff: its distance from a cut-off fp16 run would not be the noise floor
@@ -361,19 +411,22 @@ def markdown(record: dict) -> str:
         + (f", guidance cutoff {record['guidance_cutoff']}" if record.get("guidance_cutoff", 1.0) < 1.0 else ""),
         "",
         f"| system | batch 1 s/image (median / min) | batch {b} images/s | start to first image s | peak GiB at batch 1 "
-        "| latents rel L2 vs eager | VAE image vs eager, uint8 levels (max / mean) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| latents rel L2 vs eager | VAE image vs eager, uint8 levels (max / mean) | vs exact mode: latents rel L2 / image PSNR dB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in record["results"]:
         if "error" in r:
-            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | | | |")
             continue
         vae = r.get("vae_image_abs_diff_vs_eager")
         vae = f"{vae['max']} / {vae['mean']:.3f}" if vae else ""
+        # a skipping row: its loops' capture time in place of start to first image
+        start = f"{r['start_to_first_image_s']:.1f}" if "start_to_first_image_s" in r else f"capture {r['capture_s']:.1f}"
+        exact = f"{r['latents_rel_l2_vs_exact']:.4f} / {r['image_psnr_vs_exact_db']:.1f}" if "latents_rel_l2_vs_exact" in r else ""
         lines.append(
             f"| {r['system']} | {r['batch1_s_median']:.3f} / {r['batch1_s_min']:.3f} | {r[f'batch{b}_images_per_s']:.2f} "
-            f"| {r['start_to_first_image_s']:.1f} | {r['peak_mem_batch1_gib']:.2f} | {r.get('latents_rel_l2_vs_eager_fp16', float('nan')):.4f} "
-            f"| {vae} |"
+            f"| {start} | {r['peak_mem_batch1_gib']:.2f} | {r.get('latents_rel_l2_vs_eager_fp16', float('nan')):.4f} "
+            f"| {vae} | {exact} |"
         )
     lines += ["", f"eager fp32 vs eager fp16 latents rel L2 (noise floor): {record['eager_fp32_vs_fp16_latents_rel_l2']}",
               "", f"command: `{record['command']}`", ""]
