@@ -171,14 +171,6 @@ def test_sdxl_family_is_read_from_its_files(tiny_xl_dir, tmp_path):
         read_family(str(broken))
 
 
-def test_sdxl_is_not_written_as_a_single_file_it_could_not_read(tmp_path):
-    from sd_backend.checkpoints import write_checkpoint
-
-    with pytest.raises(ValueError, match="'tiny-xl' is SDXL, whose single-file layout is neither written nor read here"):
-        write_checkpoint("tiny-xl", tmp_path / "xl.safetensors", tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
 def test_sdxl_guidance_cutoff_matches_diffusers_callback(tiny_xl, tiny_xl_pipeline):
     """GUIDANCE_CUTOFF on SDXL drops the unconditional rows of the embeddings, the pooled
     embeddings and the time ids alike: diffusers' SDXLCFGCutoffCallback."""

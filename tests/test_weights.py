@@ -1,10 +1,11 @@
 """Real weights the way users have them, offline: a hub id downloaded once by the launcher (a
-local stand-in for the hub), a single-file checkpoint, and the one-line errors for what
-cannot be served."""
+local stand-in for the hub), a single-file checkpoint (SD's LDM layout and SDXL's), and the
+one-line errors for what cannot be served."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_backend.checkpoints import family_of
+from sd_backend.checkpoints import CLIP_L, OPEN_CLIP, REFINER_CLIP, converted_checkpoint, family_of, read_state, write_checkpoint
 from sd_backend.launcher import free_port
 from sd_backend.model_files import ModelUnavailable
 from tests.hub import StandInHub
@@ -135,20 +136,27 @@ def test_a_hub_id_is_downloaded_once_by_the_launcher_and_the_stubs_stay_offline(
     reference.close()
 
 
+def family_config(tmp_path, family: str, repo: str, directory: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """_family_config(family) in a process of its own whose hub is a local stand-in serving `directory`
+    as `repo`; the process, and the paths of the files it asked for."""
+    hub = StandInHub(repo, directory)
+    code = (
+        "import sys; from pathlib import Path; from sd_backend.checkpoints import _family_config;"
+        "print(_family_config(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[2]) / 'scratch'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, family, str(tmp_path)], env=dict(os.environ, HF_ENDPOINT=hub.url),
+                          capture_output=True, text=True, timeout=120)
+    hub.close()
+    return done, [path for _, path in hub.requests if "/resolve/" in path]
+
+
 def test_an_sd1_checkpoint_gets_sd15s_configs_offline_and_its_tokenizer_from_the_hub_once(tmp_path, tiny_dir):
     """What converting a real SD 1.x checkpoint needs besides its tensors: SD 1.5's component
     configs, written here without building weights, and CLIP's tokenizer, which a checkpoint
     does not carry, fetched once from the hub (a local stand-in serving a tokenizer here)."""
     import json
 
-    hub = StandInHub("stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_dir)
-    code = (
-        "import json, sys; from pathlib import Path; from sd_backend.checkpoints import _family_config;"
-        "print(_family_config('sd15', Path(sys.argv[1]), Path(sys.argv[1]) / 'scratch'))"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, HF_ENDPOINT=hub.url),
-                          capture_output=True, text=True, timeout=120)
-    hub.close()
+    done, asked = family_config(tmp_path, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     config = Path(done.stdout.strip().splitlines()[-1])
     unet = json.loads((config / "unet" / "config.json").read_text())
@@ -156,5 +164,137 @@ def test_an_sd1_checkpoint_gets_sd15s_configs_offline_and_its_tokenizer_from_the
     assert json.loads((config / "text_encoder" / "config.json").read_text())["hidden_size"] == 768
     assert (config / "tokenizer" / "vocab.json").is_file() and (config / "model_index.json").is_file()
     assert not list(config.rglob("*.safetensors"))  # configs only: no weights were built
-    asked = [path for _, path in hub.requests if "/resolve/" in path]
     assert asked and all("/tokenizer/" in path or path.endswith("model_index.json") for path in asked), asked
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_dir(cache_dir) -> Path:
+    from sd_backend.offline import write_offline_model
+
+    return write_offline_model("tiny-xl", cache_dir / "tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_checkpoint(tmp_path_factory, cache_dir, tiny_xl_dir) -> tuple[Path, Path]:
+    """tiny-xl as one .safetensors in the layout of Stability's sd_xl_base_1.0, and the diffusers
+    directory converted from it (what serving the file converts it to, once)."""
+    path = write_checkpoint("tiny-xl", tmp_path_factory.mktemp("sdxl") / "tiny-xl.safetensors", cache_dir)
+    return path, converted_checkpoint(path, cache_dir)
+
+
+def test_an_sdxl_single_file_converts_back_to_every_tensor_of_its_directory(tiny_xl_dir, tiny_xl_checkpoint):
+    """tiny-xl written as an SDXL single file and converted back offline by diffusers' single-file
+    loader: every tensor of the UNet, the VAE and both text encoders equal to the directory's, in
+    the same dtype. Its two text encoders are equally wide: there diffusers alone would give
+    text_encoder_2 the first encoder's weights (sd_backend.checkpoints._text_encoder_2)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_backend.family import read_family
+
+    path, converted = tiny_xl_checkpoint
+    state = read_state(path)
+    assert {key.split(".")[0] for key in state} == {"model", "first_stage_model", "conditioner"}
+    assert any(key.startswith(CLIP_L) for key in state) and any(key.startswith(OPEN_CLIP) for key in state)
+    theirs, ours = (StableDiffusionXLPipeline.from_pretrained(str(directory)) for directory in (tiny_xl_dir, converted))
+    assert theirs.text_encoder.config.hidden_size == theirs.text_encoder_2.config.hidden_size  # the case diffusers gets wrong
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, got = getattr(theirs, name).state_dict(), getattr(ours, name).state_dict()
+        assert got.keys() == expected.keys(), f"{name}: {sorted(got.keys() ^ expected.keys())[:5]}"
+        differ = [key for key in expected if got[key].dtype != expected[key].dtype or not torch.equal(got[key], expected[key])]
+        assert not differ, f"{name}: {len(differ)} of {len(expected)} tensors differ, e.g. {differ[:3]}"
+    assert dict(ours.scheduler.config) == dict(theirs.scheduler.config)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        mine, reference = getattr(ours, tokenizer), getattr(theirs, tokenizer)
+        assert mine.pad_token == reference.pad_token and mine("a photo of a cat", padding="max_length").input_ids == reference(
+            "a photo of a cat", padding="max_length").input_ids, tokenizer
+    assert ours.tokenizer_2.pad_token == "!"
+    assert read_family(str(converted)) == read_family(str(tiny_xl_dir))
+
+
+def test_an_sdxl_single_file_makes_the_images_of_its_directory(tiny_xl_checkpoint, cache_dir):
+    """The served stages in one process (sd_backend.engine.Engine: text encoders, UNet loop, VAE, as
+    the ensemble runs them) on the checkpoint's path and on the offline model: the same images, to
+    the bit, with a negative prompt and with SDXL's zeros for none."""
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.engine import Engine
+
+    path, _ = tiny_xl_checkpoint
+
+    def images(model: str) -> list:
+        engine = Engine(DeploymentConfig(model=model, cache_dir=str(cache_dir), device="cpu"))
+        return engine.generate(["a photo of a cat", "a dog"], ["blurry", None], seed=[1, 2], steps=3, guidance=5.0, scheduler="euler")
+
+    ours, theirs = images(str(path)), images("tiny-xl")
+    assert len(ours) == len(theirs) == 2
+    for mine, reference in zip(ours, theirs):
+        assert mine.shape == (64, 64, 3)
+        assert_same_image(mine, reference, max_diff=0)
+
+
+def full_size_sdxl() -> dict:
+    """sdxl-random's tensors on the meta device (shapes, no data) in the single-file layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sd_backend.checkpoints import sdxl_to_ldm
+    from sd_backend.offline import _VAE_BLOCKS, ARCHITECTURES
+
+    arch = ARCHITECTURES["sdxl-random"]
+    with torch.device("meta"):
+        return sdxl_to_ldm(
+            UNet2DConditionModel(**arch["unet"]), AutoencoderKL(latent_channels=4, **_VAE_BLOCKS, **arch["vae"]),
+            CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **arch["text"])),
+            CLIPTextModelWithProjection(CLIPTextConfig(max_position_embeddings=77, **arch["text_2"])),
+        )
+
+
+def test_the_sdxl_family_is_read_from_its_tensors_and_a_refiner_is_refused(tiny_xl_checkpoint):
+    """SDXL's signature: an added embedding (label_emb) of 6 time ids x 256 + the pooled width, the
+    two text encoders at conditioner.embedders.0/1, linear projections and the UNet's widths."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    path, _ = tiny_xl_checkpoint
+    tiny_xl = read_state(path)
+    assert family_of(tiny_xl, path) == "tiny-xl"
+    sdxl = full_size_sdxl()
+    # shapes of Stability's sd_xl_base_1.0.safetensors, which diffusers' own detection takes it for
+    assert tuple(sdxl["model.diffusion_model.label_emb.0.0.weight"].shape) == (1280, 2816)
+    assert tuple(sdxl[OPEN_CLIP + "text_projection"].shape) == (1280, 1280)
+    assert tuple(sdxl[OPEN_CLIP + "transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
+    assert infer_diffusers_model_type(sdxl) == "xl_base"
+    assert family_of(sdxl, Path("sd_xl_base_1.0.safetensors")) == "sdxl"
+    # the refiner keeps only OpenCLIP, as embedders.0
+    refiner = {key.replace(OPEN_CLIP, REFINER_CLIP): value for key, value in sdxl.items() if not key.startswith(CLIP_L)}
+    with pytest.raises(ModelUnavailable, match=re.escape(f"refiner.safetensors is an SDXL refiner (its text encoders: {REFINER_CLIP};")):
+        family_of(refiner, Path("refiner.safetensors"))
+    one_encoder = {key: value for key, value in tiny_xl.items() if not key.startswith(OPEN_CLIP)}
+    with pytest.raises(ModelUnavailable, match=re.escape(f"but not SDXL's text encoders (its text encoders: {CLIP_L};")):
+        family_of(one_encoder, path)
+
+
+def test_an_sdxl_checkpoint_gets_sdxls_configs_offline_and_both_tokenizers_from_the_hub_once(tmp_path, tiny_xl_dir, tiny_dir):
+    """A real SDXL base checkpoint: SDXL's configs written without weights, and both CLIP tokenizers
+    from stabilityai/stable-diffusion-xl-base-1.0 (a stand-in serving tiny-xl's); a repository
+    without tokenizer_2/ is refused rather than read as transformers' 2-token fallback."""
+    import json
+
+    from sd_backend.family import read_family
+
+    repo = "stabilityai/stable-diffusion-xl-base-1.0"
+    done, asked = family_config(tmp_path / "xl", "sdxl", repo, tiny_xl_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = Path(done.stdout.strip().splitlines()[-1])
+    family = read_family(str(config))
+    assert (family.name, family.native_size, family.pooled_dim, family.zero_negative, family.scheduler) == ("sdxl", 1024, 1280, True, "euler")
+    unet = json.loads((config / "unet" / "config.json").read_text())
+    assert unet["transformer_layers_per_block"] == [1, 2, 10] and unet["cross_attention_dim"] == 2048
+    text_2 = json.loads((config / "text_encoder_2" / "config.json").read_text())
+    assert (text_2["hidden_size"], text_2["num_hidden_layers"], text_2["architectures"]) == (1280, 32, ["CLIPTextModelWithProjection"])
+    assert json.loads((config / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert json.loads((config / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+    assert (config / "tokenizer" / "vocab.json").is_file() and (config / "tokenizer_2" / "merges.txt").is_file()
+    assert not list(config.rglob("*.safetensors"))  # configs only: no weights were built
+    assert any("/tokenizer_2/" in path for path in asked), asked
+    assert all(re.search("/tokenizer(_2)?/", path) or path.endswith("model_index.json") for path in asked), asked
+    done, _ = family_config(tmp_path / "sd", "sdxl", repo, tiny_dir)  # an SD 1.x repository: one tokenizer
+    assert done.returncode != 0 and f"model: cannot take the tokenizer from {repo}: it has no tokenizer_2/tokenizer_config.json" in done.stderr, done.stderr[-3000:]
