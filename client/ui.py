@@ -4,12 +4,15 @@ The page posts a request to /api/generate, follows it on /api/jobs/<id>/events
 (Server-Sent Events: a `progress` event per denoising step with the latent preview,
 then one of `done`, `failed`, `cancelled`) and cancels it with
 /api/jobs/<id>/cancel. Each request is one `SDClient.stream` call in its own thread.
+With an uploaded image (`init_image`, a data: URL in the JSON) the request is
+image-to-image: the image is the start and its size the result's.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import dataclasses
 import io
 import json
@@ -41,7 +44,13 @@ FIELDS = {
     "height": int,
     "width": int,
     "scheduler": str,
+    "strength": float,  # image-to-image only
 }
+# a POST's body at most: an image file of up to 6 MB, base64 in the JSON (4 bytes for 3)
+MAX_BODY = 8 * 1024 * 1024
+# an uploaded image's side at most, checked before decoding (a small PNG can unpack to gigabytes);
+# the server's own limit (max_size, 1024 as shipped) applies after
+MAX_IMAGE_SIDE = 4096
 _TERMINAL = ("done", "failed", "cancelled")
 
 
@@ -50,9 +59,9 @@ def parse_form(form: Any) -> tuple[str, dict[str, Any]]:
     names the bad field. Ranges (size, steps, scheduler names) are the server's to check."""
     if not isinstance(form, dict):
         raise ValueError("request: expected a JSON object of form fields")
-    unknown = set(form) - set(FIELDS) - {"prompt"}
+    unknown = set(form) - set(FIELDS) - {"prompt", "init_image"}
     if unknown:
-        raise ValueError(f"request: unknown field(s) {', '.join(sorted(unknown))}; allowed prompt, {', '.join(FIELDS)}")
+        raise ValueError(f"request: unknown field(s) {', '.join(sorted(unknown))}; allowed prompt, init_image, {', '.join(FIELDS)}")
     prompt = form.get("prompt") or ""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt: {prompt!r} is not text")
@@ -61,7 +70,39 @@ def parse_form(form: Any) -> tuple[str, dict[str, Any]]:
         text = "" if form.get(name) is None else str(form[name]).strip()
         if text:  # blank takes the server's default (for the seed: a random one)
             parameters[name] = text if kind is str else _number(name, text, kind)
+    if form.get("init_image"):
+        parameters["init_image"] = decode_image(form["init_image"])
+    elif "strength" in parameters:
+        raise ValueError("strength: needs an image (init_image); strength is how much of it is noised away")
     return prompt, parameters
+
+
+def decode_image(data_url: Any) -> np.ndarray:
+    """An uploaded image file, as the page's FileReader sends it (`data:image/png;base64,...`),
+    as uint8 RGB (height, width, 3), read as `sd-client --init-image` reads a file; a
+    ValueError names init_image. Its size (sides multiples of 8) is the server's to check."""
+    from PIL import Image
+
+    header, _, payload = data_url.partition(",") if isinstance(data_url, str) else ("", "", "")
+    # an empty file reads as a bare "data:"
+    if not header.startswith("data:") or (payload and not header.endswith(";base64")):
+        raise ValueError("init_image: expected an image file as a base64 data: URL (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"init_image: the data: URL is not valid base64 ({err})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except OSError:  # PIL's UnidentifiedImageError
+        raise ValueError(f"init_image: not an image file ({len(data)} bytes); send a PNG, JPEG or WebP image") from None
+    with image:
+        width, height = image.size
+        if max(width, height) > MAX_IMAGE_SIDE:
+            raise ValueError(f"init_image: {width}x{height} pixels is too large; this page takes at most {MAX_IMAGE_SIDE} a side")
+        try:
+            return np.asarray(image.convert("RGB"))
+        except Exception as err:  # noqa: BLE001 - a damaged file fails as OSError, SyntaxError, ValueError...
+            raise ValueError(f"init_image: cannot decode this {image.format} file ({err})") from None
 
 
 def _number(name: str, text: str, kind: type) -> int | float:
@@ -166,7 +207,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Type", "").split(";")[0] != "application/json":
             self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send JSON (Content-Type: application/json)"})
             return
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._discard(length)  # read, so that the browser gets the answer rather than a reset connection
+            self._json(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"init_image: the request is {length / 2**20:.1f} MB, over the {MAX_BODY // 2**20} MB this page takes; use a smaller image file"},
+            )
+            return
+        body = self.rfile.read(length)
         if self.path == "/api/generate":
             try:
                 prompt, parameters = parse_form(json.loads(body or b"{}"))
@@ -183,6 +232,13 @@ class Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.ACCEPTED, {})
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
 
     def _events(self, job_id: str) -> None:
         job = self.server.app.get(job_id)

@@ -1,6 +1,7 @@
 """The web page (`sd-client ui`) in a real headless Chromium against a real tritonserver:
 progress and previews while an image is made, the gallery with the parameters used,
-the server's errors on the page, and Cancel stopping the server's work.
+the server's errors on the page, Cancel stopping the server's work, and an uploaded image
+making an image-to-image result.
 
 Needs Debian's `chromium` (`.ci/run` installs it) and the `playwright` package, which
 drives it without `playwright install`. Missing in CI, the tests fail; locally they skip.
@@ -138,6 +139,18 @@ def gallery(page) -> list[dict]:
     return cards
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upload(page, name: str, data: bytes) -> None:
+    page.set_input_files("#init_image", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+
+
 def decode_png(data_url: str) -> np.ndarray:
     from PIL import Image
 
@@ -209,6 +222,73 @@ def test_cancel_stops_the_servers_work_and_the_next_request_runs(page):
     assert time.perf_counter() - began < 40 * per_step, (time.perf_counter() - began, per_step, last)
 
 
+def test_an_uploaded_image_is_image_to_image_and_clear_image_goes_back(page, client):
+    from tests.test_img2img import init_image
+
+    start = init_image(64, 64, seed=4)
+    # a file that is not an image: the page says so, naming the field, and goes on
+    upload(page, "notes.png", b"not a picture")
+    assert page.is_enabled("#strength") and page.is_disabled("[name=width]")  # the size is the image's
+    generate(page, prompt="a paper boat", seed=11, steps=5, scheduler="euler", strength=0.6)
+    page.wait_for_selector("#message.error")
+    assert page.inner_text("#message").startswith("init_image: not an image file"), page.inner_text("#message")
+    wait_until_ready(page)
+
+    upload(page, "start.png", png_bytes(start))
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure")
+    wait_until_ready(page)
+    (made,) = gallery(page)
+    assert made["params"][:6] == ["seed 11", "5 steps", "guidance 7.5", "64\u00d764", "euler", "strength 0.6"]
+    # the streamed image-to-image result is the ensemble's (stable_diffusion_img2img) to the bit
+    expected = client.generate("a paper boat", init_image=start, strength=0.6, seed=11, steps=5, guidance_scale=7.5, scheduler="euler")
+    assert_same_image(made["image"], expected.image, max_diff=0)
+
+    # Clear image: text-to-image again, strength off and the size fields back
+    page.click("#clear_image")
+    assert page.is_disabled("#strength") and page.is_disabled("#clear_image") and page.is_enabled("[name=width]")
+    generate(page, width=64, height=64)
+    page.wait_for_selector("#gallery figure:nth-child(2)")
+    plain = gallery(page)[0]
+    assert plain["params"][:5] == ["seed 11", "5 steps", "guidance 7.5", "64\u00d764", "euler"] and plain["params"][5].endswith(" s")
+    expected = client.generate("a paper boat", seed=11, steps=5, guidance_scale=7.5, height=64, width=64, scheduler="euler")
+    assert_same_image(plain["image"], expected.image, max_diff=0)
+    assert np.abs(made["image"].astype(np.int16) - plain["image"]).max() > 16  # the start image made the difference
+
+
+def test_parse_form_decodes_an_uploaded_image():
+    from PIL import Image
+
+    from sd_client.ui import parse_form
+
+    def data_url(data: bytes, mime="image/png") -> str:
+        return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    prompt, parameters = parse_form({"prompt": "p", "init_image": data_url(png_bytes(image)), "strength": "0.6"})
+    assert parameters["strength"] == 0.6 and parameters["init_image"].dtype == np.uint8
+    assert_same_image(parameters["init_image"], image, max_diff=0)
+    rgba = io.BytesIO()
+    Image.new("RGBA", (8, 16), (10, 20, 30, 0)).save(rgba, "PNG")
+    assert parse_form({"init_image": data_url(rgba.getvalue())})[1]["init_image"].shape == (16, 8, 3)  # alpha dropped
+    assert "init_image" not in parse_form({"init_image": ""})[1]  # no image: text-to-image
+
+    def error(form) -> str:
+        with pytest.raises(ValueError) as err:
+            parse_form(form)
+        return str(err.value)
+
+    assert error({"init_image": data_url(b"not a picture", "text/plain")}) == "init_image: not an image file (13 bytes); send a PNG, JPEG or WebP image"
+    assert error({"init_image": "data:"}).startswith("init_image: not an image file (0 bytes)")  # an empty file
+    assert error({"init_image": "start.png"}).startswith("init_image: expected an image file as a base64 data: URL")
+    assert error({"init_image": "data:image/png;base64,#"}).startswith("init_image: the data: URL is not valid base64")
+    assert error({"init_image": data_url(png_bytes(image)[:60])}).startswith("init_image: cannot decode this PNG file")
+    huge = io.BytesIO()
+    Image.new("L", (5000, 8)).save(huge, "PNG")  # small as a file, refused before decoding
+    assert error({"init_image": data_url(huge.getvalue())}) == "init_image: 5000x8 pixels is too large; this page takes at most 4096 a side"
+    assert error({"strength": "0.6"}).startswith("strength: needs an image (init_image)")
+
+
 def test_bad_form_values_get_a_clear_error(ui_url):
     def post(body: bytes, content_type="application/json"):
         request = urllib.request.Request(ui_url + "api/generate", body, {"Content-Type": content_type})
@@ -225,3 +305,9 @@ def test_bad_form_values_get_a_clear_error(ui_url):
     assert code == 400 and "size" in error
     code, error = post(b"steps=4", "application/x-www-form-urlencoded")  # another site's plain form
     assert code == 415
+    code, error = post(b'{"init_image": "data:text/plain;base64,aGk="}')
+    assert code == 400 and error.startswith("init_image: not an image file"), error
+    from sd_client.ui import MAX_BODY
+
+    code, error = post(b'{"init_image": "' + b"A" * MAX_BODY + b'"}')
+    assert code == 413 and error.startswith("init_image: the request is 8.0 MB, over the 8 MB"), error
