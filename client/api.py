@@ -12,6 +12,7 @@ import numpy as np
 
 MODEL = "stable_diffusion"
 IMG2IMG_MODEL = "stable_diffusion_img2img"  # the ensemble that takes INIT_IMAGE and STRENGTH
+INPAINT_MODEL = "stable_diffusion_inpaint"  # ... and MASK_IMAGE
 STREAM_MODEL = "stable_diffusion_stream"
 OUTPUTS = ("IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED", "PARAMETERS")
 
@@ -114,12 +115,13 @@ class SDClient:
             "PREVIEW_EVERY": (parameters.get("preview_every"), "INT32"),
             "STRENGTH": (parameters.get("strength"), "FP32"),
             "INIT_IMAGE": (parameters.get("init_image"), "UINT8"),
+            "MASK_IMAGE": (parameters.get("mask_image"), "UINT8"),
         }
         inputs = []
         for name, (value, dtype) in spec.items():
             if value is None:
                 continue
-            if dtype == "UINT8":  # an image: (height, width, 3), one per request
+            if dtype == "UINT8":  # an image (height, width, 3) or mask (height, width), one per request
                 array = np.ascontiguousarray(value, dtype=np.uint8)[None]
             elif dtype == "BYTES":
                 array = np.array([[value.encode("utf-8") if isinstance(value, str) else value]], dtype=object)
@@ -145,10 +147,12 @@ class SDClient:
         cache_interval: int | None = None,
         init_image: np.ndarray | None = None,
         strength: float | None = None,
+        mask_image: np.ndarray | None = None,
     ) -> GenerationResult:
         """Generate one image; raises tritonclient's InferenceServerException on a server error.
         With `init_image` (uint8 (height, width, 3)) it is image-to-image: the image is the
-        start, `strength` (0-1, the server's default when None) how much of it is noised away.
+        start, `strength` (0-1, the server's default when None) how much of it is noised away;
+        with `mask_image` too (uint8 (height, width), 255 = repaint) it is inpainting.
         `guidance_cutoff` below 1 stops guidance after that fraction of the steps, and
         `cache_interval` above 1 runs the whole UNet at every that-many-th step only
         (DeepCache): both faster, not exact."""
@@ -164,8 +168,11 @@ class SDClient:
             cache_interval=cache_interval,
             init_image=init_image,
             strength=strength,
+            mask_image=mask_image,
         )
-        model = self.model if init_image is None else IMG2IMG_MODEL
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image: inpainting needs init_image too (the image the mask marks)")
+        model = self.model if init_image is None else INPAINT_MODEL if mask_image is not None else IMG2IMG_MODEL
         inputs = self.build_inputs(prompt, **parameters)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()

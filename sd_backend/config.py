@@ -134,6 +134,10 @@ class DeploymentConfig:
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
     `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
 
+    default_inpaint_strength: float = 1.0
+    """Inpainting: STRENGTH when a request leaves it out (diffusers' inpainting default: the
+    masked part starts from pure noise)."""
+
     min_size: int = 64
     """Smallest height or width a request may ask for, in pixels."""
 
@@ -175,8 +179,9 @@ class DeploymentConfig:
             raise ValueError(f"default_cache_interval: {self.default_cache_interval} is out of range; allowed 1 or more (1: off)")
         if self.cache_branch < 0:
             raise ValueError(f"cache_branch: {self.cache_branch} is out of range; allowed 0 or more")
-        if not 0.0 < self.default_strength <= 1.0:
-            raise ValueError(f"default_strength: {self.default_strength} is out of range; allowed above 0 up to 1")
+        for name in ("default_strength", "default_inpaint_strength"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: {getattr(self, name)} is out of range; allowed above 0 up to 1")
         if self.opt_level not in OPT_LEVELS:
             raise ValueError(f"opt_level: {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

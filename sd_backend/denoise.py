@@ -25,6 +25,7 @@ def prepare_latents(params: Sequence[GenerationParams], channels: int, scale: in
 def denoise(
     unet, scheduler, latents, embeds, guidance, generators, unet_timesteps=None, callback=None, step_constants=None,
     added_cond_kwargs=None, timesteps=None, guidance_cutoff: float = 1.0, cache_interval: int = 1, cache_branch: int = 0,
+    inpaint=None,
 ):
     """The denoising loop of diffusers' pipeline, with a guidance scale per image.
 
@@ -38,7 +39,9 @@ def denoise(
     conditional rows alone, guidance 0 (not with step_constants: their tables hold every row).
     `cache_interval` above 1 runs the whole UNet at every cache_interval-th step only and its
     shallow branch `cache_branch` in between, as DeepCache's DeepCacheSDHelper
-    (sd_backend.deepcache; not with step_constants either). `unet_timesteps`,
+    (sd_backend.deepcache; not with step_constants either). `inpaint`, when given, is the
+    group's sd_backend.inpaint.Inpainting: the UNet's extra inputs or the blend after each
+    step, as diffusers' StableDiffusionInpaintPipeline. `unet_timesteps`,
     when given, holds the UNet's timestep for each step (a device tensor made before a
     CUDA-graph capture); the scheduler always gets its own. `callback(index, count, latents)`,
     when given, runs after each of the `count` steps (progress, previews; it raises to stop
@@ -62,6 +65,8 @@ def denoise(
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guidance is not None else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if inpaint is not None:
+                model_input = inpaint.unet_input(model_input)
             unet_t = t if unet_timesteps is None else unet_timesteps[i]
             if step_constants is not None:
                 noise = step_constants.unet_step(i, model_input)
@@ -73,11 +78,15 @@ def denoise(
                 uncond, cond = noise.chunk(2)
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if inpaint is not None:
+                latents = inpaint.blend(latents, scheduler, timesteps, i)
             if i == cutoff:  # the conditional half of every row set from here on (negatives come first)
                 rows = embeds.shape[0] // 2
                 embeds, guidance = embeds[rows:], None
                 if deep_cache is not None:
                     deep_cache.keep_rows(rows)
+                if inpaint is not None:
+                    inpaint.keep_rows(rows)
                 if added_cond_kwargs is not None:
                     added_cond_kwargs = {name: value[rows:] for name, value in added_cond_kwargs.items()}
             if callback is not None:

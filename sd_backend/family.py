@@ -31,6 +31,8 @@ class ModelFamily:
     latent_scaling: float = 0.18215  # the VAE's scaling_factor
     latents_mean: tuple[float, ...] | None = None  # SDXL: the VAE's per-channel latent normalization,
     latents_std: tuple[float, ...] | None = None  # where its config has one (SD 1.x/2.x pipelines ignore it)
+    latent_channels: int = 4  # the VAE's
+    inpainting_unet: bool = False  # the UNet reads latents + mask + masked image's latents (9 channels)
 
     @property
     def is_sdxl(self) -> bool:
@@ -68,8 +70,19 @@ def read_family(source: str) -> ModelFamily:
         scheduler=name_of(scheduler.get("_class_name", "")) or "pndm",
         vae_scale=scale,
         latent_scaling=float(vae.get("scaling_factor", 0.18215)),  # AutoencoderKL's default
+        latent_channels=vae.get("latent_channels", 4),
     )
+    channels = unet.get("in_channels", 4)
+    if channels == 2 * common["latent_channels"] + 1:  # diffusers' inpainting UNets (SD 1.5/2 inpainting)
+        common["inpainting_unet"] = True
+    elif channels != common["latent_channels"]:
+        raise ValueError(
+            f"model: {source}: the UNet reads {channels} channels; served: {common['latent_channels']} (the VAE's latents) "
+            f"or {2 * common['latent_channels'] + 1} (an inpainting UNet: latents, mask and the masked image's latents)"
+        )
     if unet.get("addition_embed_type") == "text_time":
+        if common.get("inpainting_unet"):
+            raise ValueError(f"model: {source}: an SDXL inpainting UNet is not served (SD 1.x/2.x inpainting UNets are)")
         text_2 = _config(root, "text_encoder_2")
         pooled = text_2.get("projection_dim", 0)
         expected = unet["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet["addition_time_embed_dim"]

@@ -11,6 +11,8 @@
 - `tiny-xl`, `sdxl-random`: the same for SDXL: two text encoders (CLIP ViT-L and an
   OpenCLIP-bigG-shaped one with a projection), the UNet's `text_time` added embedding,
   1024x1024 native in `sdxl-random` (2.6B UNet), Euler as its scheduler config names.
+- `tiny-inpaint`, `sd15-inpaint-random`: `tiny` and `sd15-random` with an inpainting UNet
+  (9 input channels: latents, mask and the masked image's latents, as SD 1.5 inpainting).
 
 All are written so that diffusers' own pipeline (`StableDiffusionPipeline`,
 `StableDiffusionXLPipeline`) `.from_pretrained(dir)` loads the very same weights the
@@ -25,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-OFFLINE_MODELS = ("tiny", "sd15-random", "tiny-v", "sd21-random", "tiny-xl", "sdxl-random")
+OFFLINE_MODELS = ("tiny", "sd15-random", "tiny-v", "sd21-random", "tiny-xl", "sdxl-random", "tiny-inpaint", "sd15-inpaint-random")
 
 # SD 1.x noise schedule and PNDM settings (the scheduler config SD 1.5 ships).
 _SCHEDULER_CONFIG = dict(
@@ -195,6 +197,11 @@ ARCHITECTURES["sdxl-random"] = dict(
     ),
     scheduler=dict(timestep_spacing="leading"),
 )
+
+
+# inpainting UNets (SD 1.5 inpainting's layout): 9 input channels, latents + mask + the masked image's latents
+ARCHITECTURES["tiny-inpaint"] = _TINY | dict(unet=_TINY["unet"] | dict(in_channels=9))
+ARCHITECTURES["sd15-inpaint-random"] = _SD15 | dict(unet=_SD15["unet"] | dict(in_channels=9))
 
 
 def is_sdxl(name: str) -> bool:

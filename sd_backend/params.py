@@ -31,6 +31,7 @@ class GenerationParams:
     strength: float | None = None  # image-to-image: how much of INIT_IMAGE is noised away; None for text-to-image
     guidance_cutoff: float = 1.0  # the fraction of the loop's steps after which guidance stops (1: never)
     cache_interval: int = 1  # DeepCache: the whole UNet runs at every cache_interval-th step only (1: every step)
+    inpaint: bool = False  # MASK_IMAGE given: the masked part of INIT_IMAGE is repainted
 
     @property
     def start_step(self) -> int:
@@ -49,7 +50,7 @@ class GenerationParams:
         cutoff = self.guidance_cutoff if self.uses_guidance else 1.0
         return (
             self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step,
-            cutoff, self.cache_interval,
+            cutoff, self.cache_interval, self.inpaint,
         )
 
     def record(self, model: str) -> dict[str, Any]:
@@ -108,6 +109,8 @@ def check_params(
     guidance_cutoff: Any = None,
     cache_interval: Any = None,
     image_size: tuple[int, int] | None = None,
+    mask_size: tuple[int, int] | None = None,
+    inpaint: bool | None = None,
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
 
@@ -115,7 +118,10 @@ def check_params(
     request nor the config sets a size, the smallest side its family is served at, and
     its own scheduler, for a default_scheduler of `auto`. `image_size` (height, width) is
     INIT_IMAGE's for image-to-image: the size of the result, which HEIGHT and WIDTH, when
-    given, must equal; `strength` is then required (0 < STRENGTH <= 1).
+    given, must equal; `strength` is then required (0 < STRENGTH <= 1). `mask_size` is
+    MASK_IMAGE's (inpainting), which must equal INIT_IMAGE's; `inpaint` says whether the
+    request inpaints where the caller knows without the mask at hand (None: not known here,
+    as in the text encoder), which an inpainting UNet requires.
     """
     seed = RANDOM_SEED if seed is None else _as_int("SEED", seed)
     if seed == RANDOM_SEED:
@@ -169,8 +175,20 @@ def check_params(
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"SCHEDULER: {scheduler!r} is not known; allowed {', '.join(SCHEDULER_NAMES)}")
 
+    if mask_size is not None:
+        inpaint = True
+    if mask_size is not None and image_size is not None and tuple(mask_size) != tuple(image_size):
+        raise ValueError(
+            f"MASK_IMAGE: {mask_size[0]}x{mask_size[1]} does not match INIT_IMAGE's {image_size[0]}x{image_size[1]} "
+            "(height x width); send a mask of the image's size (UINT8 [height, width], 255 = repaint)"
+        )
+    if family.inpainting_unet and inpaint is False:
+        raise ValueError(
+            "MASK_IMAGE: missing; this model's UNet is an inpainting UNet (9 input channels): send INIT_IMAGE and "
+            "MASK_IMAGE to the stable_diffusion_inpaint ensemble"
+        )
     if strength is None and image_size is not None:
-        strength = config.default_strength
+        strength = config.default_inpaint_strength if inpaint else config.default_strength
     if strength is not None:
         strength = _decimal_of_fp32(_as_float("STRENGTH", strength))
         if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
@@ -194,4 +212,4 @@ def check_params(
                 f"CACHE_INTERVAL: {interval} is out of range; allowed 1 to STEPS ({steps}): the whole UNet runs at every "
                 "CACHE_INTERVAL-th step, its shallow branch in between (1: every step, exact)"
             )
-    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff, interval)
+    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff, interval, bool(inpaint))

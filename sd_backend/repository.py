@@ -18,7 +18,8 @@ from .config import DEPLOYMENT_FILE, DeploymentConfig
 
 # the models this project serves; each must be in the repository
 SERVED_MODELS = (
-    "text_encoder", "vae_encoder", "unet", "vae", "stable_diffusion", "stable_diffusion_img2img", "stable_diffusion_stream",
+    "text_encoder", "vae_encoder", "unet", "vae", "stable_diffusion", "stable_diffusion_img2img", "stable_diffusion_inpaint",
+    "stable_diffusion_stream",
 )
 # the model whose dynamic batcher forms the batches the captured loops are made for
 LOOP_MODEL = "unet"

@@ -46,6 +46,8 @@ class DenoiseJob:
     pooled: Any = None  # SDXL: (pooled width,)
     negative_pooled: Any = None
     init_moments: Any = None  # image-to-image: INIT_IMAGE's latent distribution (2 x 4, h, w), VAEEncoderStage's
+    masked_moments: Any = None  # inpainting: the masked image's latent distribution, likewise
+    latent_mask: Any = None  # inpainting: (1, h, w) 0/1, MASK_IMAGE at the latents' size
 
 
 class TextEncoderStage:
@@ -153,10 +155,12 @@ class UNetStage:
         first = params[0]
         scheduler = make_scheduler(first.scheduler, self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=self.device)
-        timesteps = None  # all of the scheduler's
-        if first.strength is None:
+        timesteps, inpaint = None, None  # all of the scheduler's; no mask
+        if first.inpaint:
+            latents, generators, timesteps, inpaint = self._inpainting(jobs, scheduler)
+        elif first.strength is None:
             latents, generators = prepare_latents(
-                params, self.unet.config.in_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
+                params, self.family.latent_channels, self.vae_scale, self.device, self.dtype, scheduler.init_noise_sigma
             )
         else:
             latents, generators, timesteps = self._noised_images(jobs, scheduler)
@@ -164,15 +168,15 @@ class UNetStage:
         guidance = None
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
-        # no captured loops for image-to-image yet: its loop starts part way
-        graphed = self.graphs is not None and callback is None and timesteps is None
+        # no captured loops for image-to-image and inpainting yet: their loops start part way
+        graphed = self.graphs is not None and callback is None and timesteps is None and inpaint is None
         captured = self.graphs.find(first, len(jobs)) if graphed else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
             timesteps=timesteps, guidance_cutoff=first.guidance_cutoff, cache_interval=first.cache_interval,
-            cache_branch=self.config.cache_branch,
+            cache_branch=self.config.cache_branch, inpaint=inpaint,
         )
 
     def _noised_images(self, jobs: Sequence[DenoiseJob], scheduler):
@@ -180,33 +184,69 @@ class UNetStage:
         StableDiffusionImg2ImgPipeline prepares them: the loop starts at the params'
         start_step; each image's generator first samples INIT_IMAGE's latent distribution,
         then draws the noise it is blended with at the start step's noise level."""
-        import torch
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.utils.torch_utils import randn_tensor
 
+        timesteps, generators = self._start_part_way(jobs, scheduler)
+        init = self._image_latents([job.init_moments for job in jobs], generators)
+        noise = randn_tensor(init.shape, generator=generators, device=self.device, dtype=self.dtype)
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs))), generators, timesteps
+
+    def _inpainting(self, jobs: Sequence[DenoiseJob], scheduler):
+        """(latents, generators, the loop's timesteps, Inpainting) as diffusers'
+        StableDiffusionInpaintPipeline prepares them. Each image's generator samples, in the
+        pipeline's order: INIT_IMAGE's latents (where a plain UNet blends them in, or the
+        loop starts part way), the initial noise, then the masked image's latents. At
+        strength 1 the loop starts from the noise alone."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .inpaint import Inpainting
+
         first = jobs[0].params
-        begin = first.start_step * scheduler.order
-        timesteps = scheduler.timesteps[begin:]
+        timesteps, generators = self._start_part_way(jobs, scheduler)
+        blend, full_strength = not self.family.inpainting_unet, first.strength == 1.0
+        image = None
+        if blend or not full_strength:  # contiguous as the pipeline's (its repeat per prompt copies them so)
+            image = self._image_latents([job.init_moments for job in jobs], generators).contiguous()
+        shape = (len(jobs), self.family.latent_channels) + tuple(jobs[0].latent_mask.shape[-2:])
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        if full_strength:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image, noise, timesteps[:1].repeat(len(jobs)))
+        masked = self._image_latents([job.masked_moments for job in jobs], generators)
+        mask = torch.stack([job.latent_mask.to(self.device, self.dtype) for job in jobs])  # (B, 1, h, w)
+        if first.uses_guidance:
+            mask, masked = torch.cat([mask] * 2), torch.cat([masked] * 2)
+        return latents, generators, timesteps, Inpainting(mask, masked, image if blend else None, noise if blend else None)
+
+    def _start_part_way(self, jobs: Sequence[DenoiseJob], scheduler):
+        """(the loop's timesteps from the params' start_step on, one generator per image),
+        the scheduler's begin index set to match, as diffusers' image pipelines do."""
+        import torch
+
+        begin = jobs[0].params.start_step * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)
-        generators = [torch.Generator("cpu").manual_seed(job.params.seed) for job in jobs]
+        return scheduler.timesteps[begin:], [torch.Generator("cpu").manual_seed(job.params.seed) for job in jobs]
+
+    def _image_latents(self, moments: Sequence[Any], generators):
+        """(B, C, h, w): each image's latent distribution sampled with its generator, scaled
+        (and, for SDXL, normalized) as diffusers' image pipelines do."""
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         # channels-last, as diffusers' moments are (the encoder's input is laid out so, see
         # VAEEncoderStage): the latents keep that layout through the loop, and the UNet's
         # convolutions round by the layout they get
         # (contiguous first: a size-1 batch dimension's stride can make a view pass for channels-last)
-        moments = [
-            job.init_moments[None].to(self.device, self.dtype).contiguous().contiguous(memory_format=torch.channels_last)
-            for job in jobs
-        ]
+        moments = [m[None].to(self.device, self.dtype).contiguous().contiguous(memory_format=torch.channels_last) for m in moments]
         init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)])
         statistics = _latent_statistics(self.family, init)
         if statistics is not None:  # as SDXL's image-to-image pipeline normalizes them
             mean, std = statistics
-            init = (init - mean) * self.family.latent_scaling / std
-        else:
-            init = self.family.latent_scaling * init
-        noise = randn_tensor(init.shape, generator=generators, device=self.device, dtype=self.dtype)
-        return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(jobs))), generators, timesteps
+            return (init - mean) * self.family.latent_scaling / std
+        return self.family.latent_scaling * init
 
     def conditioning(self, jobs: Sequence[DenoiseJob]):
         """(encoder_hidden_states, added_cond_kwargs) of one group's UNet calls, as diffusers'
@@ -271,24 +311,37 @@ class VAEEncoderStage:
         vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
         return cls(config, vae, device, dtype, family)
 
-    def check(self, image, **raw) -> GenerationParams:
-        """The request's parameters with INIT_IMAGE's size as the result's (raises ValueError)."""
-        return check_params(self.config, self.family, image_size=tuple(image.shape[:2]), **raw)
+    def check(self, image, mask=None, **raw) -> GenerationParams:
+        """The request's parameters with INIT_IMAGE's size as the result's, MASK_IMAGE's
+        checked against it (raises ValueError)."""
+        mask_size = None if mask is None else tuple(mask.shape[:2])
+        return check_params(self.config, self.family, image_size=tuple(image.shape[:2]), mask_size=mask_size, inpaint=mask is not None, **raw)
 
     def __call__(self, images: Sequence[Any]) -> list[Any]:
         """One (2 x latent channels, h/8, w/8) float32 tensor of moments (mean, log-variance) per uint8 image."""
+        return [self.encode(image)[0] for image in images]
+
+    def encode(self, image, mask=None) -> tuple[Any, Any, Any]:
+        """(INIT_IMAGE's moments, the masked image's moments, the (1, h/8, w/8) latent mask) of
+        one request, the last two None without a mask (sd_backend.inpaint)."""
         import numpy as np
         import torch
 
-        results = []
+        from . import inpaint
+
         with torch.inference_mode():
-            for image in images:
-                # laid out as diffusers' numpy_to_pt lays it ((1, h, w, 3) memory seen as NCHW): the
-                # convolutions pick their kernel by the layout, and another one rounds differently
-                pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-                pixels = (2.0 * pixels - 1.0).to(self.device, self.dtype)
-                results.append(self.vae.encode(pixels).latent_dist.parameters[0].float())
-        return results
+            # laid out as diffusers' numpy_to_pt lays it ((1, h, w, 3) memory seen as NCHW): the
+            # convolutions pick their kernel by the layout, and another one rounds differently
+            pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
+            pixels = 2.0 * pixels - 1.0
+            moments = self._moments(pixels)
+            if mask is None:
+                return moments, None, None
+            condition = inpaint.mask_condition(mask)
+            return moments, self._moments(inpaint.masked_pixels(pixels, condition)), inpaint.latent_mask(condition, self.family.vae_scale)[0]
+
+    def _moments(self, pixels):
+        return self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters[0].float()
 
 
 class VAEStage:

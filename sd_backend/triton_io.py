@@ -56,6 +56,25 @@ def read_image(pb, request, name: str = "INIT_IMAGE"):
     return image
 
 
+def read_optional(pb, request, name: str):
+    """An optional tensor input of one request as a torch tensor without its batch dimension, or None."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    return None if tensor is None else to_torch(tensor)[0]
+
+
+def read_mask(pb, request, name: str = "MASK_IMAGE"):
+    """A UINT8 (height, width) mask input as a numpy array (255 = repaint), or None when absent."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    mask = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
+    if mask.ndim == 3 and mask.shape[0] == 1:  # the batch dimension of one request
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: shape {list(mask.shape)}; allowed [height, width] (255 = repaint)")
+    return mask
+
+
 def read_scalar(pb, request, name: str) -> Any:
     """A numeric input of one element as a Python number, or None when absent."""
     tensor = pb.get_input_tensor_by_name(request, name)

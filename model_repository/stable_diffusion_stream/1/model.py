@@ -60,7 +60,8 @@ class TritonPythonModel:
         io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)  # PROMPT present, both within limits
         image_to_image = pb_utils.get_input_tensor_by_name(request, "INIT_IMAGE") is not None
         image_size = tuple(io.read_image(pb_utils, request).shape[:2]) if image_to_image else None
-        params = self.stage.check(image_size=image_size, **io.read_generation_inputs(pb_utils, request))
+        # no MASK_IMAGE here: inpainting is not streamed (an inpainting UNet gets INVALID_ARG saying so)
+        params = self.stage.check(image_size=image_size, inpaint=False, **io.read_generation_inputs(pb_utils, request))
         every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
         if not 0 <= every <= params.steps:
             raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")

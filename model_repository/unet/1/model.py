@@ -23,11 +23,10 @@ class TritonPythonModel:
     def execute(self, requests):
         def parse(request):
             inputs = [io.to_torch(pb_utils.get_input_tensor_by_name(request, name))[0] for name in io.CONDITIONING]
-            moments = pb_utils.get_input_tensor_by_name(request, "INIT_MOMENTS")
-            moments = None if moments is None else io.to_torch(moments)[0]
+            moments, masked, mask = (io.read_optional(pb_utils, request, n) for n in ("INIT_MOMENTS", "MASKED_MOMENTS", "LATENT_MASK"))
             image_size = None if moments is None else tuple(d * self.stage.vae_scale for d in moments.shape[-2:])
-            params = self.stage.check(image_size=image_size, **io.read_generation_inputs(pb_utils, request))
-            return DenoiseJob(params, *inputs, init_moments=moments)
+            params = self.stage.check(image_size=image_size, inpaint=mask is not None, **io.read_generation_inputs(pb_utils, request))
+            return DenoiseJob(params, *inputs, init_moments=moments, masked_moments=masked, latent_mask=mask)
 
         def reply(job, latents):
             self.metrics.add("steps", job.params.steps)

@@ -21,14 +21,18 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def parse(request):
-            image = io.read_image(pb_utils, request)
-            self.stage.check(image, **io.read_generation_inputs(pb_utils, request))  # the whole request, before any work
-            return image
+            image, mask = io.read_image(pb_utils, request), io.read_mask(pb_utils, request)
+            self.stage.check(image, mask, **io.read_generation_inputs(pb_utils, request))  # the whole request, before any work
+            return image, mask
 
-        def reply(_, moments):
-            return pb_utils.InferenceResponse([io.from_torch(pb_utils, "INIT_MOMENTS", moments[None])])
+        def run(items):
+            return [self.stage.encode(image, mask) for image, mask in items]
 
-        return self.metrics.timed(requests, lambda: io.respond(pb_utils, requests, parse, self.stage, reply))
+        def reply(_, encoded):
+            names = ("INIT_MOMENTS", "MASKED_MOMENTS", "LATENT_MASK")  # the last two for inpainting only
+            return pb_utils.InferenceResponse([io.from_torch(pb_utils, n, t[None]) for n, t in zip(names, encoded) if t is not None])
+
+        return self.metrics.timed(requests, lambda: io.respond(pb_utils, requests, parse, run, reply))
 
     def finalize(self):
         self.metrics.close()
