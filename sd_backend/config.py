@@ -130,6 +130,11 @@ class DeploymentConfig:
     layer k % 3 of block k // 3, as DeepCacheSDHelper numbers them). Checked against the
     UNet at load."""
 
+    lora: tuple[str, ...] = ()
+    """LoRA adapters fused into the weights at load, in order: `"file.safetensors"` or
+    `"file.safetensors:scale"` (scale 1 when left out), diffusers/PEFT or kohya format
+    (sd_backend.lora). Every request gets them, at no cost per request."""
+
     default_strength: float = 0.8
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
     `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
@@ -175,6 +180,10 @@ class DeploymentConfig:
             )
         if not 0.0 <= self.default_guidance_cutoff <= 1.0:
             raise ValueError(f"default_guidance_cutoff: {self.default_guidance_cutoff} is out of range; allowed 0 to 1")
+        if self.lora:
+            from .lora import parse_loras
+
+            parse_loras(self.lora)  # a missing file fails the deployment here, not in a model's load
         if self.default_cache_interval < 1:
             raise ValueError(f"default_cache_interval: {self.default_cache_interval} is out of range; allowed 1 or more (1: off)")
         if self.cache_branch < 0:

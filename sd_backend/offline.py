@@ -286,3 +286,44 @@ def write_offline_model(name: str, directory: str | os.PathLike) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+def write_offline_lora(model_dir: str | os.PathLike, path: str | os.PathLike, lora_format: str = "diffusers", seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for the offline model in `model_dir` (UNet attention and text-encoder
+    attention projections, rank `rank`, both low-rank factors random so it changes the
+    images), saved as one .safetensors in `lora_format`: `diffusers` (diffusers/PEFT keys,
+    what save_lora_weights writes) or `kohya` (lora_unet_* / lora_te1_* with .alpha, what
+    AUTOMATIC1111 and civitai files hold). For tests and demos."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
+
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"lora_format: {lora_format!r} is not one of {', '.join(LORA_FORMATS)}")
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet")
+    text = CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    # peft's own injection: transformers' add_adapter asks for a newer peft than the registries have
+    text_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    text = inject_adapter_in_model(text_config, text)
+    unet_state, text_state = get_peft_model_state_dict(unet), get_peft_model_state_dict(text)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lora_format == "diffusers":
+        StableDiffusionPipeline.save_lora_weights(
+            str(path.parent), unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state), weight_name=path.name, safe_serialization=True,
+        )
+        return path
+    from safetensors.torch import save_file
+
+    peft_state = {f"unet.{k}": v for k, v in unet_state.items()} | {f"text_encoder.{k}": v for k, v in text_state.items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
+    return path

@@ -18,6 +18,7 @@ from .config import DeploymentConfig
 from .deepcache import check_branch
 from .denoise import denoise, prepare_latents
 from .family import ModelFamily
+from .lora import fuse_loras, parse_loras
 from .params import GenerationParams, check_params
 from .prompt_encoder import PromptEncoder
 from .schedulers import make_scheduler
@@ -67,7 +68,11 @@ class TextEncoderStage:
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
         source, device, dtype = loading.placement(config, instance_device)
         family = loading.family(source)
-        return cls(config, PromptEncoder(loading.load_text_encoders(source, device, dtype, family), family), device)
+        encoders = loading.load_text_encoders(source, device, dtype, family)
+        loras = parse_loras(config.lora)
+        for suffix, (_, text_encoder) in zip(family.text_encoders, encoders):
+            fuse_loras(text_encoder, f"text_encoder{suffix}", loras, family.is_sdxl)
+        return cls(config, PromptEncoder(encoders, family), device)
 
     def check(self, **raw) -> GenerationParams:
         """The request's generation parameters as the UNet stage will check them (raises ValueError)."""
@@ -119,6 +124,7 @@ class UNetStage:
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
         family = loading.family(source)
+        fuse_loras(unet, "unet", parse_loras(config.lora), family.is_sdxl)  # before the fast path patches it
         stage = cls(config, unet, loading.load_scheduler_config(source), family.vae_scale, device, dtype, family)
         check_branch(unet, config.cache_branch)  # a deployment setting: wrong for this UNet fails the load
         if config.opt_level != "eager":

@@ -1,0 +1,76 @@
+"""LoRA adapters of a deployment, fused into the weights at load.
+
+`lora` in deployment.toml lists adapter files (`"file"` or `"file:scale"`, scale 1 when
+left out), in the formats users have: diffusers/PEFT and kohya (AUTOMATIC1111, ComfyUI,
+civitai) `.safetensors`, read by diffusers' own loader (`lora_state_dict` converts kohya's
+names). Each stage fuses what it holds, one adapter after the other, as
+`pipe.load_lora_weights(file, adapter_name=...)` then `pipe.fuse_lora(lora_scale=scale,
+adapter_names=[...])` does, then drops PEFT's wrappers (diffusers' unload after a fuse):
+the fused weights stay, the modules are plain again, so the fast path and the captured
+graphs see an ordinary model and a request pays nothing for the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    file: str
+    scale: float = 1.0
+
+
+def parse_loras(entries: Sequence[str]) -> tuple[LoraSpec, ...]:
+    """`lora` entries as specs; ValueError naming the entry for a missing file or a bad scale."""
+    specs = []
+    for entry in entries:
+        file, scale = entry, 1.0
+        head, sep, tail = entry.rpartition(":")
+        if sep and head:
+            try:
+                file, scale = head, float(tail)
+            except ValueError:
+                pass  # a ':' inside the path
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"lora: {entry!r}: no such file (an adapter .safetensors, optionally followed by :scale)")
+        specs.append(LoraSpec(str(path), scale))
+    return tuple(specs)
+
+
+def _loader(sdxl: bool):
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    return StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
+
+
+def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> None:
+    """Fuse each adapter's part for `component` ("unet", "text_encoder", "text_encoder_2") into
+    `model`, in order, each at its scale; a file without a part for it changes nothing there."""
+    if not loras:
+        return
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loader, fused = _loader(sdxl), False
+    for index, spec in enumerate(loras):
+        name = f"deployment_{index}"
+        state, alphas = loader.lora_state_dict(spec.file)
+        if component == "unet":
+            loader.load_lora_into_unet(state, alphas, unet=model, adapter_name=name)
+        else:
+            loader.load_lora_into_text_encoder(state, alphas, text_encoder=model, prefix=component, adapter_name=name)
+        if not any(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in model.modules()):
+            continue  # this file adapts other components only
+        if component == "unet":
+            model.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
+        else:
+            fuse_text_encoder_lora(model, lora_scale=spec.scale, adapter_names=[name])
+        fused = True
+    if fused and component == "unet":
+        model.unload_lora()
+    elif fused:
+        _remove_text_encoder_monkey_patch(model)
