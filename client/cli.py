@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-cutoff", type=float, help="stop guidance after this fraction of the steps: faster, not exact (default: the server's, 1 = never, as shipped)")
     parser.add_argument("--cache-interval", type=int, help="DeepCache: run the whole UNet at every N-th step only: faster, not exact (default: the server's, 1 = every step, as shipped)")
     parser.add_argument("--init-image", help="image-to-image: start from this image (its size is the result's; sides multiples of 8)")
+    parser.add_argument("--mask", help="inpainting, with --init-image: repaint where this image is white (its size is the image's; read as grayscale)")
     parser.add_argument("--strength", type=float, help="image-to-image: how much of the image is noised away, above 0 up to 1 (default: the server's, 0.8 as shipped)")
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="(default %(default)s)")
@@ -81,8 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sd-client: --init-image: cannot read {args.init_image}: {err}", file=sys.stderr)
             return 2
         parameters["strength"] = args.strength
-    elif args.strength is not None:
-        print("sd-client: --strength needs --init-image", file=sys.stderr)
+        if args.mask:
+            try:
+                with Image.open(args.mask) as mask:
+                    parameters["mask_image"] = np.asarray(mask.convert("L"))
+            except OSError as err:
+                print(f"sd-client: --mask: cannot read {args.mask}: {err}", file=sys.stderr)
+                return 2
+    elif args.strength is not None or args.mask:
+        print(f"sd-client: {'--strength' if args.strength is not None else '--mask'} needs --init-image", file=sys.stderr)
+        return 2
+    if args.mask and args.progress:
+        print("sd-client: --mask does not stream yet; leave --progress out", file=sys.stderr)
         return 2
     if args.progress and args.protocol != "grpc":
         print("sd-client: --progress needs --protocol grpc (streaming)", file=sys.stderr)

@@ -144,3 +144,19 @@ def test_bad_inpainting_inputs_name_the_field(grpc, change, words):
     with pytest.raises(InferenceServerException) as info:
         grpc.generate("a cat", **request)
     assert is_invalid_arg(info.value) and words in info.value.message(), info.value.message()
+
+
+def test_sd_client_inpaints_with_a_mask_file(server, grpc, tmp_path):
+    from PIL import Image
+
+    from sd_client.cli import main
+
+    start, mask, out = tmp_path / "start.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(init_image(seed=2)).save(start)
+    Image.fromarray(a_mask()).save(mask)
+    args = ["a boat", "--init-image", str(start), "--mask", str(mask), "--steps", "3", "--seed", "5", "--url", server.grpc_url]
+    assert main(args + ["-o", str(out)]) == 0
+    expected = grpc.generate("a boat", seed=5, steps=3, init_image=init_image(seed=2), mask_image=a_mask())
+    assert_same_image(np.asarray(Image.open(out).convert("RGB")), expected.image, max_diff=0)
+    assert Image.open(out).text["strength"] == "1.0"
+    assert main(["a boat", "--mask", str(mask), "--url", server.grpc_url]) == 2  # --mask alone
