@@ -70,7 +70,7 @@ class CapturedLoop:
         # of them) and are read by the UNet's own forward (DeepCache's steps call its blocks)
         self.hoist = hoist and self.cutoff >= 1.0 and self.cache_interval == 1
         unet = stage.unet
-        latent_shape = (bucket, unet.config.in_channels, params.height // stage.vae_scale, params.width // stage.vae_scale)
+        latent_shape = (bucket, stage.family.latent_channels, params.height // stage.vae_scale, params.width // stage.vae_scale)
         device, dtype = stage.device, stage.dtype
         self.cfg = params.uses_guidance
         hidden = unet.config.cross_attention_dim
@@ -178,6 +178,9 @@ class LoopGraphs:
     def capture_defaults(self) -> None:
         """The deployment's default request at every configured batch bucket."""
         config = self.stage.config
+        if self.stage.family.inpainting_unet:  # it serves inpainting only, which runs the eager loop for now
+            log.info("an inpainting UNet: no text-to-image loops to capture")
+            return
         seconds = self.capture(self.stage.check(seed=0), config.batch_buckets)
         log.info("captured %d denoising-loop graphs in %.1f s", len(self.loops), seconds)
 
