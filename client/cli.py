@@ -51,6 +51,19 @@ def _paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
 
 
+def _read_picture(option: str, path: str, mode: str):
+    """The image file at `path` as a uint8 array in PIL `mode` ("RGB", or "L" for a mask); None,
+    having said why, when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert(mode))
+    except OSError as err:
+        print(f"sd-client: {option}: cannot read {path}: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["ui"]:  # a subcommand beside the prompt form (a prompt "ui": `sd-client -o out.png ui`)
@@ -73,22 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         cache_interval=args.cache_interval,
     )
     if args.init_image:
-        from PIL import Image
-
-        try:
-            with Image.open(args.init_image) as image:
-                parameters["init_image"] = np.asarray(image.convert("RGB"))
-        except OSError as err:
-            print(f"sd-client: --init-image: cannot read {args.init_image}: {err}", file=sys.stderr)
-            return 2
+        pictures = (("init_image", "--init-image", args.init_image, "RGB"), ("mask_image", "--mask", args.mask, "L"))
+        for key, option, path, mode in pictures:
+            if path:
+                parameters[key] = _read_picture(option, path, mode)
+                if parameters[key] is None:
+                    return 2
         parameters["strength"] = args.strength
-        if args.mask:
-            try:
-                with Image.open(args.mask) as mask:
-                    parameters["mask_image"] = np.asarray(mask.convert("L"))
-            except OSError as err:
-                print(f"sd-client: --mask: cannot read {args.mask}: {err}", file=sys.stderr)
-                return 2
     elif args.strength is not None or args.mask:
         print(f"sd-client: {'--strength' if args.strength is not None else '--mask'} needs --init-image", file=sys.stderr)
         return 2

@@ -17,8 +17,10 @@ The computation equals the DeepCache package's `DeepCacheSDHelper` (0.1.1,
   counter: PNDM's repeated second timestep counts as one position).
 
 The full steps run UNet2DConditionModel.forward's own sequence of module calls (the same
-ops in the same order, so the same numbers) while keeping that hidden state; this module
-holds no copy of diffusers' code past that sequence. Inside a captured loop the cache is
+ops in the same order, so the same numbers) while keeping that hidden state: whole blocks
+are called as the forward calls them, and only the two blocks the branch cuts through (its
+down block's first pairs, its up block from the entry position) repeat their forward's
+loop of resnet, attention and resampler calls. Inside a captured loop the cache is
 one of the graph's intermediate tensors: a key's full and cached steps are fixed, so the
 whole loop stays one static graph.
 """

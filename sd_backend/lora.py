@@ -3,9 +3,9 @@
 `lora` in deployment.toml lists adapter files (`"file"` or `"file:scale"`, scale 1 when
 left out), in the formats users have: diffusers/PEFT and kohya (AUTOMATIC1111, ComfyUI,
 civitai) `.safetensors`, read by diffusers' own loader (`lora_state_dict` converts kohya's
-names). Each stage fuses what it holds, one adapter after the other, as
-`pipe.load_lora_weights(file, adapter_name=...)` then `pipe.fuse_lora(lora_scale=scale,
-adapter_names=[...])` does, then drops PEFT's wrappers (diffusers' unload after a fuse):
+names). Each stage loads every adapter for what it holds, then fuses them one after the
+other at their own scales, as `pipe.load_lora_weights(file, adapter_name=...)` for each and
+then `pipe.fuse_lora(lora_scale=scale, adapter_names=[name])` for each do, then drops PEFT's wrappers (diffusers' unload after a fuse):
 the fused weights stay, the modules are plain again, so the fast path and the captured
 graphs see an ordinary model and a request pays nothing for the adapters.
 """
@@ -53,9 +53,12 @@ def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> 
     if not loras:
         return
     from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    loader, fused = _loader(sdxl), False
+    loader, names = _loader(sdxl), []
+    # every adapter loaded before any is fused: loading one into a model with a fused adapter
+    # makes PEFT unfuse that one first (its contribution would be lost at the unload)
     for index, spec in enumerate(loras):
         name = f"deployment_{index}"
         state, alphas = loader.lora_state_dict(spec.file)
@@ -63,14 +66,19 @@ def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> 
             loader.load_lora_into_unet(state, alphas, unet=model, adapter_name=name)
         else:
             loader.load_lora_into_text_encoder(state, alphas, text_encoder=model, prefix=component, adapter_name=name)
-        if not any(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in model.modules()):
-            continue  # this file adapts other components only
-        if component == "unet":
-            model.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
-        else:
-            fuse_text_encoder_lora(model, lora_scale=spec.scale, adapter_names=[name])
-        fused = True
-    if fused and component == "unet":
+        if any(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in model.modules()):
+            names.append((name, spec.scale))  # else this file adapts other components only
+    if not names:
+        return
+    # all active at their own scales, then fused together (diffusers' set_adapters + fuse_lora)
+    adapters, scales = [n for n, _ in names], [s for _, s in names]
+    if component == "unet":
+        model.set_adapters(adapters, weights=scales)
+        model.fuse_lora(lora_scale=1.0, adapter_names=adapters)
+    else:
+        set_weights_and_activate_adapters(model, adapters, scales)
+        fuse_text_encoder_lora(model, lora_scale=1.0, adapter_names=adapters)
+    if component == "unet":
         model.unload_lora()
-    elif fused:
+    else:
         _remove_text_encoder_monkey_patch(model)

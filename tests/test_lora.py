@@ -1,6 +1,7 @@
 """LoRA adapters fused at load (deployment setting `lora`), in both formats users have
 (diffusers/PEFT and kohya): served images equal diffusers' pipeline with the same adapters
-loaded (`load_lora_weights`) and fused (`fuse_lora`) at the same scales, to the bit."""
+loaded (`load_lora_weights`), weighted (`set_adapters`) and fused (`fuse_lora`), to the bit;
+one adapter alone equals `fuse_lora(lora_scale=...)`; with two, both are in the weights."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def lora_reference(tiny_dir, adapters, prompt, *, seed, scheduler="pndm"):
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
-    for name, (path, scale) in zip(("a", "b"), ((adapters[0], 0.7), (adapters[1], 1.0))):
+    for name, path in zip(("a", "b"), adapters):
         pipe.load_lora_weights(str(path), adapter_name=name)
-        pipe.fuse_lora(lora_scale=scale, adapter_names=[name])
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 1.0])
+    pipe.fuse_lora(lora_scale=1.0, adapter_names=["a", "b"])
     out = pipe(prompt, num_inference_steps=STEPS, height=64, width=64, generator=torch.Generator().manual_seed(seed), output_type="np")
     return (out.images[0] * 255).round().astype(np.uint8)
 
@@ -76,6 +78,27 @@ def test_each_format_alone_equals_diffusers_in_process(tiny_dir, adapters):
         expected = pipe("a boat", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(2), output_type="latent").images
         ours = Engine(DeploymentConfig(model=str(tiny_dir), lora=(f"{path}:0.5",), default_steps=STEPS)).latents(["a boat"], seed=2)[0]
         assert torch.equal(ours, expected), path.name
+
+
+def test_two_adapters_are_both_in_the_fused_weights(tiny_dir, adapters):
+    """Fused(a, b) = W + scale_a x dW_a + scale_b x dW_b, to float32's rounding of two additions
+    (loading an adapter into a model with a fused one would unfuse it: the order matters)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sd_backend.lora import fuse_loras, parse_loras
+
+    def weight(entries):
+        unet = UNet2DConditionModel.from_pretrained(str(tiny_dir), subfolder="unet")
+        fuse_loras(unet, "unet", parse_loras(entries), sdxl=False)
+        return unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.detach()
+
+    base, a, b = weight([]), weight([f"{adapters[0]}:0.7"]), weight([str(adapters[1])])
+    both = weight([f"{adapters[0]}:0.7", str(adapters[1])])
+    expected = base + (a - base) + (b - base)
+    ulp = torch.finfo(torch.float32).eps * max(base.abs().max().item(), both.abs().max().item())
+    assert (both - expected).abs().max().item() <= 8 * ulp  # a few roundings of each sum
+    assert (both - b).abs().max().item() > 1000 * ulp and (both - a).abs().max().item() > 1000 * ulp
 
 
 def test_a_missing_adapter_file_fails_the_deployment_naming_it(tmp_path):
