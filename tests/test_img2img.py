@@ -191,3 +191,20 @@ def test_the_streaming_model_runs_image_to_image_as_the_ensemble(grpc):
     assert_same_image(streamed.image, plain.image, max_diff=0)
     assert streamed.parameters["strength"] == 0.5
     assert [p.total for p in seen][:1] == [STEPS // 2 + 1]  # PNDM's steps from the start step (one extra, as diffusers)
+
+
+def test_image_to_image_with_deepcache_equals_deepcaches_helper(stages, img2img_pipeline):
+    """CACHE_INTERVAL where the loop starts part way: the helper counts from the loop's first step too."""
+    import torch
+
+    from sd_backend.stages import DenoiseJob
+    from tests.test_deepcache import deep_cache_helper
+
+    text, encoder, unet = stages
+    image = init_image(seed=6)
+    params = encoder.check(image, seed=3, steps=STEPS, scheduler="pndm", strength=0.7, cache_interval=2)
+    e = text(["a red fox"], [None])[0]
+    ours = unet([DenoiseJob(params, e.prompt_embeds, e.negative_embeds, init_moments=encoder([image])[0])])[0]
+    with deep_cache_helper(img2img_pipeline, 2):
+        expected = reference(img2img_pipeline, image, "a red fox", seed=3, strength=0.7, scheduler="pndm", output_type="latent")
+    assert torch.equal(ours, expected), (ours - expected).abs().max()

@@ -160,3 +160,43 @@ def test_sd_client_inpaints_with_a_mask_file(server, grpc, tmp_path):
     assert_same_image(np.asarray(Image.open(out).convert("RGB")), expected.image, max_diff=0)
     assert Image.open(out).text["strength"] == "1.0"
     assert main(["a boat", "--mask", str(mask), "--url", server.grpc_url]) == 2  # --mask alone
+
+
+@pytest.mark.parametrize("model", ["tiny-inpaint", "tiny"])
+def test_inpainting_with_computation_skipping_equals_diffusers(cache_dir, model):
+    """CACHE_INTERVAL (DeepCache's own helper on the pipeline) and GUIDANCE_CUTOFF (diffusers'
+    cutoff callback, here also keeping the conditional half of the pipeline's mask and masked
+    latents, as the served loop does) on both UNet kinds, in one process: to the bit."""
+    import torch
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.offline import write_offline_model
+    from sd_backend.stages import DenoiseJob, TextEncoderStage, UNetStage, VAEEncoderStage
+    from tests.test_deepcache import deep_cache_helper
+
+    class KeepMaskHalves(SDCFGCutoffCallback):
+        tensor_inputs = ["prompt_embeds", "mask", "masked_image_latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                for name in ("mask", "masked_image_latents"):
+                    callback_kwargs[name] = callback_kwargs[name].chunk(2)[1]
+            return super().callback_fn(pipeline, step_index, timestep, callback_kwargs)
+
+    model_dir = write_offline_model(model, cache_dir / model)
+    text, encoder, unet = (stage.from_config(DeploymentConfig(model=str(model_dir))) for stage in (TextEncoderStage, VAEEncoderStage, UNetStage))
+    pipe = inpaint_pipeline(model_dir)
+    image, mask = init_image(seed=4), a_mask()
+    e = text(["a red fox"], [None])[0]
+    moments, masked, latent_mask = encoder.encode(image, mask)
+    for skipping in (dict(cache_interval=2), dict(guidance_cutoff=0.5), dict(cache_interval=3, guidance_cutoff=0.5)):
+        params = encoder.check(image, mask, seed=8, steps=STEPS, scheduler="ddim", strength=0.8, **skipping)
+        ours = unet([DenoiseJob(params, e.prompt_embeds, e.negative_embeds, init_moments=moments, masked_moments=masked, latent_mask=latent_mask)])[0]
+        extra = {}
+        if "guidance_cutoff" in skipping:
+            callback = KeepMaskHalves(cutoff_step_ratio=skipping["guidance_cutoff"])
+            extra = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs)
+        with deep_cache_helper(pipe, skipping.get("cache_interval", 1)):
+            expected = reference(pipe, image, mask, "a red fox", seed=8, strength=0.8, scheduler="ddim", output_type="latent", **extra)
+        assert torch.equal(ours, expected), (skipping, (ours - expected).abs().max())
