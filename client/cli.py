@@ -96,9 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.strength is not None or args.mask:
         print(f"sd-client: {'--strength' if args.strength is not None else '--mask'} needs --init-image", file=sys.stderr)
         return 2
-    if args.mask and args.progress:
-        print("sd-client: --mask does not stream yet; leave --progress out", file=sys.stderr)
-        return 2
     if args.progress and args.protocol != "grpc":
         print("sd-client: --progress needs --protocol grpc (streaming)", file=sys.stderr)
         return 2

@@ -200,3 +200,11 @@ def test_inpainting_with_computation_skipping_equals_diffusers(cache_dir, model)
         with deep_cache_helper(pipe, skipping.get("cache_interval", 1)):
             expected = reference(pipe, image, mask, "a red fox", seed=8, strength=0.8, scheduler="ddim", output_type="latent", **extra)
         assert torch.equal(ours, expected), (skipping, (ours - expected).abs().max())
+
+
+def test_the_streaming_model_inpaints_as_the_ensemble(grpc):
+    image, mask = init_image(seed=7), a_mask()
+    streamed = grpc.stream("a blue boat", seed=2, steps=STEPS, scheduler="euler", init_image=image, mask_image=mask, strength=0.9)
+    plain = grpc.generate("a blue boat", seed=2, steps=STEPS, scheduler="euler", init_image=image, mask_image=mask, strength=0.9)
+    assert_same_image(streamed.image, plain.image, max_diff=0)
+    assert streamed.parameters["strength"] == pytest.approx(0.9)

@@ -21,7 +21,11 @@ from sd_backend.streaming import Cancelled, step_reporter
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # what the vae_encoder model reads of a request (model_repository/vae_encoder/config.pbtxt)
-_ENCODER_INPUTS = ("INIT_IMAGE", "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH")
+_ENCODER_INPUTS = (
+    "INIT_IMAGE", "MASK_IMAGE", "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER",
+    "STRENGTH",
+)
+_MASK_OUTPUTS = ("MASKED_MOMENTS", "LATENT_MASK")  # vae_encoder's, for inpainting
 
 
 def _call(model: str, inputs: list, outputs: list[str]) -> dict:
@@ -58,21 +62,26 @@ class TritonPythonModel:
 
     def _generate(self, request, sender):
         io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)  # PROMPT present, both within limits
-        image_to_image = pb_utils.get_input_tensor_by_name(request, "INIT_IMAGE") is not None
+        mask = io.read_mask(pb_utils, request)  # inpainting, with INIT_IMAGE
+        image_to_image = mask is not None or pb_utils.get_input_tensor_by_name(request, "INIT_IMAGE") is not None
         image_size = tuple(io.read_image(pb_utils, request).shape[:2]) if image_to_image else None
-        # no MASK_IMAGE here: inpainting is not streamed (an inpainting UNet gets INVALID_ARG saying so)
-        params = self.stage.check(image_size=image_size, inpaint=False, **io.read_generation_inputs(pb_utils, request))
+        mask_size = None if mask is None else tuple(mask.shape)
+        params = self.stage.check(image_size=image_size, mask_size=mask_size, inpaint=mask is not None, **io.read_generation_inputs(pb_utils, request))
         every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
         if not 0 <= every <= params.steps:
             raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")
 
         texts = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in ("PROMPT", "NEGATIVE_PROMPT")) if t]
         encoded = _call("text_encoder", texts, [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
-        moments = None
+        images = {}  # INIT_MOMENTS, and for inpainting MASKED_MOMENTS and LATENT_MASK
         if image_to_image:  # the image's latent distribution, by the vae_encoder model (which checks it too)
             given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in _ENCODER_INPUTS) if t]
-            moments = io.to_torch(_call("vae_encoder", given, ["INIT_MOMENTS"])["INIT_MOMENTS"])[0]
-        job = DenoiseJob(params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING), init_moments=moments)
+            wanted = ["INIT_MOMENTS", *(_MASK_OUTPUTS if mask is not None else ())]
+            images = {name: io.to_torch(tensor)[0] for name, tensor in _call("vae_encoder", given, wanted).items()}
+        job = DenoiseJob(
+            params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING), init_moments=images.get("INIT_MOMENTS"),
+            masked_moments=images.get("MASKED_MOMENTS"), latent_mask=images.get("LATENT_MASK"),
+        )
 
         def send(step, total, preview):
             outputs = [
