@@ -59,9 +59,11 @@ def parse_form(form: Any) -> tuple[str, dict[str, Any]]:
     names the bad field. Ranges (size, steps, scheduler names) are the server's to check."""
     if not isinstance(form, dict):
         raise ValueError("request: expected a JSON object of form fields")
-    unknown = set(form) - set(FIELDS) - {"prompt", "init_image"}
+    unknown = set(form) - set(FIELDS) - {"prompt", "init_image", "mask_image"}
     if unknown:
-        raise ValueError(f"request: unknown field(s) {', '.join(sorted(unknown))}; allowed prompt, init_image, {', '.join(FIELDS)}")
+        raise ValueError(
+            f"request: unknown field(s) {', '.join(sorted(unknown))}; allowed prompt, init_image, mask_image, {', '.join(FIELDS)}"
+        )
     prompt = form.get("prompt") or ""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt: {prompt!r} is not text")
@@ -72,37 +74,41 @@ def parse_form(form: Any) -> tuple[str, dict[str, Any]]:
             parameters[name] = text if kind is str else _number(name, text, kind)
     if form.get("init_image"):
         parameters["init_image"] = decode_image(form["init_image"])
-    elif "strength" in parameters:
-        raise ValueError("strength: needs an image (init_image); strength is how much of it is noised away")
+        if form.get("mask_image"):  # inpainting: white repaints
+            parameters["mask_image"] = decode_image(form["mask_image"], "mask_image", "L")
+    elif "strength" in parameters or form.get("mask_image"):
+        field = "strength" if "strength" in parameters else "mask_image"
+        raise ValueError(f"{field}: needs an image (init_image): the image it is about")
     return prompt, parameters
 
 
-def decode_image(data_url: Any) -> np.ndarray:
+def decode_image(data_url: Any, field: str = "init_image", mode: str = "RGB") -> np.ndarray:
     """An uploaded image file, as the page's FileReader sends it (`data:image/png;base64,...`),
-    as uint8 RGB (height, width, 3), read as `sd-client --init-image` reads a file; a
-    ValueError names init_image. Its size (sides multiples of 8) is the server's to check."""
+    as uint8 RGB (height, width, 3) (or, mode "L", a grayscale mask (height, width)), read as
+    `sd-client --init-image` / `--mask` read a file; a ValueError names `field`. Its size
+    (sides multiples of 8, a mask's the image's) is the server's to check."""
     from PIL import Image
 
     header, _, payload = data_url.partition(",") if isinstance(data_url, str) else ("", "", "")
     # an empty file reads as a bare "data:"
     if not header.startswith("data:") or (payload and not header.endswith(";base64")):
-        raise ValueError("init_image: expected an image file as a base64 data: URL (data:image/png;base64,...)")
+        raise ValueError(f"{field}: expected an image file as a base64 data: URL (data:image/png;base64,...)")
     try:
         data = base64.b64decode(payload, validate=True)
     except binascii.Error as err:
-        raise ValueError(f"init_image: the data: URL is not valid base64 ({err})") from None
+        raise ValueError(f"{field}: the data: URL is not valid base64 ({err})") from None
     try:
         image = Image.open(io.BytesIO(data))
     except OSError:  # PIL's UnidentifiedImageError
-        raise ValueError(f"init_image: not an image file ({len(data)} bytes); send a PNG, JPEG or WebP image") from None
+        raise ValueError(f"{field}: not an image file ({len(data)} bytes); send a PNG, JPEG or WebP image") from None
     with image:
         width, height = image.size
         if max(width, height) > MAX_IMAGE_SIDE:
-            raise ValueError(f"init_image: {width}x{height} pixels is too large; this page takes at most {MAX_IMAGE_SIDE} a side")
+            raise ValueError(f"{field}: {width}x{height} pixels is too large; this page takes at most {MAX_IMAGE_SIDE} a side")
         try:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image.convert(mode))
         except Exception as err:  # noqa: BLE001 - a damaged file fails as OSError, SyntaxError, ValueError...
-            raise ValueError(f"init_image: cannot decode this {image.format} file ({err})") from None
+            raise ValueError(f"{field}: cannot decode this {image.format} file ({err})") from None
 
 
 def _number(name: str, text: str, kind: type) -> int | float:

@@ -147,8 +147,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def upload(page, name: str, data: bytes) -> None:
-    page.set_input_files("#init_image", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+def upload(page, name: str, data: bytes, field: str = "init_image") -> None:
+    page.set_input_files(f"#{field}", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
 
 
 def decode_png(data_url: str) -> np.ndarray:
@@ -287,6 +287,31 @@ def test_parse_form_decodes_an_uploaded_image():
     Image.new("L", (5000, 8)).save(huge, "PNG")  # small as a file, refused before decoding
     assert error({"init_image": data_url(huge.getvalue())}) == "init_image: 5000x8 pixels is too large; this page takes at most 4096 a side"
     assert error({"strength": "0.6"}).startswith("strength: needs an image (init_image)")
+    mask = np.zeros((16, 24), np.uint8)
+    mask[4:12, 6:18] = 255
+    decoded = parse_form({"init_image": data_url(png_bytes(image)), "mask_image": data_url(png_bytes(mask))})[1]["mask_image"]
+    assert decoded.shape == (16, 24) and decoded.dtype == np.uint8 and np.array_equal(decoded, mask)  # grayscale
+    assert error({"init_image": data_url(png_bytes(image)), "mask_image": "data:"}).startswith("mask_image: not an image file")
+    assert error({"mask_image": data_url(png_bytes(mask))}).startswith("mask_image: needs an image (init_image)")
+
+
+def test_an_uploaded_mask_inpaints_as_the_ensemble(page, client):
+    from tests.test_img2img import init_image
+    from tests.test_inpaint import a_mask
+
+    if page.is_enabled("#clear_image"):  # a start image left by another test
+        page.click("#clear_image")
+    assert page.is_disabled("#mask_image")  # a mask needs its image
+    start, mask = init_image(64, 64, seed=5), a_mask()
+    upload(page, "start.png", png_bytes(start))
+    upload(page, "mask.png", png_bytes(mask), "mask_image")
+    generate(page, prompt="a paper boat", seed=12, steps=4, scheduler="ddim", strength=0.9)
+    page.wait_for_selector("#gallery figure")
+    wait_until_ready(page)
+    made = gallery(page)[0]
+    expected = client.generate("a paper boat", init_image=start, mask_image=mask, strength=0.9, seed=12, steps=4, guidance_scale=7.5, scheduler="ddim")
+    assert_same_image(made["image"], expected.image, max_diff=0)  # the streamed inpainting is stable_diffusion_inpaint's
+    page.click("#clear_image")
 
 
 def test_bad_form_values_get_a_clear_error(ui_url):
