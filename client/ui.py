@@ -5,7 +5,8 @@ The page posts a request to /api/generate, follows it on /api/jobs/<id>/events
 then one of `done`, `failed`, `cancelled`) and cancels it with
 /api/jobs/<id>/cancel. Each request is one `SDClient.stream` call in its own thread.
 With an uploaded image (`init_image`, a data: URL in the JSON) the request is
-image-to-image: the image is the start and its size the result's.
+image-to-image: the image is the start and its size the result's; with a mask too
+(`mask_image`, white repaints), inpainting.
 """
 
 from __future__ import annotations

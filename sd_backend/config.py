@@ -131,9 +131,9 @@ class DeploymentConfig:
     UNet at load."""
 
     lora: tuple[str, ...] = ()
-    """LoRA adapters fused into the weights at load, in order: `"file.safetensors"` or
-    `"file.safetensors:scale"` (scale 1 when left out), diffusers/PEFT or kohya format
-    (sd_backend.lora). Every request gets them, at no cost per request."""
+    """LoRA adapters fused into the weights at load, each weighted by its scale:
+    `"file.safetensors"` or `"file.safetensors:scale"` (scale 1 when left out), diffusers/PEFT
+    or kohya format (sd_backend.lora). Every request gets them, at no cost per request."""
 
     default_strength: float = 0.8
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves

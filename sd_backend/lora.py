@@ -3,9 +3,11 @@
 `lora` in deployment.toml lists adapter files (`"file"` or `"file:scale"`, scale 1 when
 left out), in the formats users have: diffusers/PEFT and kohya (AUTOMATIC1111, ComfyUI,
 civitai) `.safetensors`, read by diffusers' own loader (`lora_state_dict` converts kohya's
-names). Each stage loads every adapter for what it holds, then fuses them one after the
-other at their own scales, as `pipe.load_lora_weights(file, adapter_name=...)` for each and
-then `pipe.fuse_lora(lora_scale=scale, adapter_names=[name])` for each do, then drops PEFT's wrappers (diffusers' unload after a fuse):
+names). Each stage loads every adapter for what it holds, weights each by its scale and
+fuses them together, as `pipe.load_lora_weights(file, adapter_name=...)` for each, then
+`pipe.set_adapters(names, adapter_weights=scales)` and `pipe.fuse_lora()` do (fusing one
+before loading the next would not do: PEFT unfuses a fused adapter when another is loaded),
+then drops PEFT's wrappers (diffusers' unload after a fuse):
 the fused weights stay, the modules are plain again, so the fast path and the captured
 graphs see an ordinary model and a request pays nothing for the adapters.
 """
@@ -48,8 +50,8 @@ def _loader(sdxl: bool):
 
 
 def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> None:
-    """Fuse each adapter's part for `component` ("unet", "text_encoder", "text_encoder_2") into
-    `model`, in order, each at its scale; a file without a part for it changes nothing there."""
+    """Fuse every adapter's part for `component` ("unet", "text_encoder", "text_encoder_2") into
+    `model`, each weighted by its scale; a file without a part for it changes nothing there."""
     if not loras:
         return
     from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
@@ -71,14 +73,13 @@ def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> 
     if not names:
         return
     # all active at their own scales, then fused together (diffusers' set_adapters + fuse_lora)
+    # then PEFT's wrappers dropped: the fused weights stay, the modules are plain again
     adapters, scales = [n for n, _ in names], [s for _, s in names]
     if component == "unet":
         model.set_adapters(adapters, weights=scales)
         model.fuse_lora(lora_scale=1.0, adapter_names=adapters)
+        model.unload_lora()
     else:
         set_weights_and_activate_adapters(model, adapters, scales)
         fuse_text_encoder_lora(model, lora_scale=1.0, adapter_names=adapters)
-    if component == "unet":
-        model.unload_lora()
-    else:
         _remove_text_encoder_monkey_patch(model)

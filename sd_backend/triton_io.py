@@ -41,19 +41,40 @@ def read_prompts(pb, request, max_bytes: int) -> tuple[str, str | None]:
     return prompt, negative
 
 
+def _read_numpy(pb, request, name: str):
+    """An input of one request as a numpy array (copied from the GPU where it lives there), or None when absent."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
+
+
+def _read_picture(pb, request, name: str, rank: int, channels: int | None, allowed: str):
+    """An image-like input without the batch dimension of its one request, of `rank` dimensions
+    (the last `channels` wide where given); ValueError naming `allowed` otherwise, None when absent."""
+    array = _read_numpy(pb, request, name)
+    if array is None:
+        return None
+    if array.ndim == rank + 1 and array.shape[0] == 1:  # the batch dimension of one request
+        array = array[0]
+    if array.ndim != rank or (channels is not None and array.shape[-1] != channels):
+        raise ValueError(f"{name}: shape {list(array.shape)}; allowed {allowed}")
+    return array
+
+
 def read_image(pb, request, name: str = "INIT_IMAGE"):
     """A UINT8 (height, width, 3) RGB image input as a numpy array; ValueError when absent
     (Triton declares it optional: see read_prompts) or of another shape. Triton itself
     refuses another dtype or rank, naming the input."""
-    tensor = pb.get_input_tensor_by_name(request, name)
-    if tensor is None:
+    image = _read_picture(pb, request, name, 3, 3, "[height, width, 3] (RGB)")
+    if image is None:
         raise ValueError(f"{name}: missing; an RGB image (UINT8 [height, width, 3]) is required")
-    image = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
-    if image.ndim == 4 and image.shape[0] == 1:  # the batch dimension of one request
-        image = image[0]
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{name}: shape {list(image.shape)}; allowed [height, width, 3] (RGB)")
     return image
+
+
+def read_mask(pb, request, name: str = "MASK_IMAGE"):
+    """A UINT8 (height, width) mask input as a numpy array (255 = repaint), or None when absent."""
+    return _read_picture(pb, request, name, 2, None, "[height, width] (255 = repaint)")
 
 
 def read_optional(pb, request, name: str):
@@ -62,25 +83,11 @@ def read_optional(pb, request, name: str):
     return None if tensor is None else to_torch(tensor)[0]
 
 
-def read_mask(pb, request, name: str = "MASK_IMAGE"):
-    """A UINT8 (height, width) mask input as a numpy array (255 = repaint), or None when absent."""
-    tensor = pb.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    mask = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
-    if mask.ndim == 3 and mask.shape[0] == 1:  # the batch dimension of one request
-        mask = mask[0]
-    if mask.ndim != 2:
-        raise ValueError(f"{name}: shape {list(mask.shape)}; allowed [height, width] (255 = repaint)")
-    return mask
-
-
 def read_scalar(pb, request, name: str) -> Any:
     """A numeric input of one element as a Python number, or None when absent."""
-    tensor = pb.get_input_tensor_by_name(request, name)
-    if tensor is None:
+    values = _read_numpy(pb, request, name)
+    if values is None:
         return None
-    values = tensor.as_numpy() if tensor.is_cpu() else to_torch(tensor).cpu().numpy()
     values = values.reshape(-1)
     if values.size != 1:
         raise ValueError(f"{name}: {values.size} elements given; exactly one value is allowed")
