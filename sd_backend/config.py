@@ -59,6 +59,12 @@ class FastPathOptions:
     plus time projection, and the cross-attention keys and values run once per loop
     (sd_backend.fast.step_constants), not at every step."""
 
+    step_graphs: bool = True
+    """The captured loop is one CUDA graph per step, replayed back to back: a request that
+    asks for progress (the streaming model's) gets a report after every step from the same
+    graphs, and the ensemble's requests replay them without waiting. False: the whole loop as
+    one graph, and progress requests run the loop step by step without graphs."""
+
     split_head_dim: bool = True
     """Attention head_dim 80 and 160 as two exact power-of-two column blocks (64 + 16,
     128 + 32) instead of one padded block (128, 256)."""

@@ -1,4 +1,6 @@
-"""The whole denoising loop as one CUDA graph per (bucket, steps, size, scheduler, guidance).
+"""The whole denoising loop captured per (bucket, steps, size, scheduler, guidance): one
+CUDA graph per step, replayed back to back (or one graph for the whole loop, with the
+fast path's step_graphs off).
 
 The scheduler runs on CPU timesteps, so its per-step coefficients are CPU scalars that the
 capture bakes into the kernels' arguments (they are fixed for a graph key: that is the
@@ -7,6 +9,11 @@ before capture. Initial latents, embeddings, guidance scales and (for Euler ance
 every step's noise are static device buffers, filled before each replay; the noise is drawn
 on the CPU from the request's own generator in the order diffusers draws it, so a seed gives
 the same image on the graph path as on the eager one.
+
+Per-step graphs are captured in one pass of the loop, in the order they replay, sharing the
+memory pool, so each step reads what the one before it left; each step's output latents stay
+allocated, which lets a replay report progress (and previews) after every step: the host
+waits for step i's event while steps i+1 .. i+LOOKAHEAD already run on the GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ log = logging.getLogger("sd_backend")
 # Schedulers whose step() draws noise it actually uses (eta 0 for DDIM, s_churn 0 for Euler;
 # LCM at every step but the last, so one buffer of each image's draws is left over).
 _NOISY = {"euler_a", "lcm"}
+# steps queued on the GPU ahead of the one being reported: enough to cover a report's host
+# time (a socket send, a preview's copy), few enough that a cancel stops the GPU soon after
+LOOKAHEAD = 3
 
 
 @contextlib.contextmanager
@@ -55,9 +65,10 @@ class CapturedLoop:
 
     stage: the UNetStage (its unet, scheduler_config, vae_scale, device, dtype).
     hoist: make the loop's step-invariant work once per replay (sd_backend.fast.step_constants).
+    step_graphs: one graph per step (progress can be reported between them), else one graph.
     """
 
-    def __init__(self, stage, bucket: int, params: GenerationParams, pool, hoist: bool):
+    def __init__(self, stage, bucket: int, params: GenerationParams, pool, hoist: bool, step_graphs: bool = True):
         import torch
 
         self.stage = stage
@@ -99,11 +110,44 @@ class CapturedLoop:
             self._loop()
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = self._loop()
+        self.step_graphs = step_graphs
+        self.graphs, self.step_outputs = self._capture(pool, side)
+        self.output = self.step_outputs[-1]
+        self.report_stream = torch.cuda.Stream(device)  # previews' arithmetic and copies, beside the replay
 
-    def _loop(self):
+    def _capture(self, pool, stream):
+        """(graphs, each step's output latents): the loop captured on `stream`, cut after
+        every step with step_graphs (only the last step's output is kept without)."""
+        import gc
+
+        import torch
+
+        graphs, outputs = [], []
+
+        def begin():
+            graphs.append(torch.cuda.CUDAGraph())
+            graphs[-1].capture_begin(pool=pool)
+
+        def cut(index: int, total: int, latents) -> None:  # a denoise callback: end this step's graph
+            outputs.append(latents)
+            graphs[-1].capture_end()
+            if index + 1 < total:
+                begin()
+
+        gc.collect()
+        with torch.cuda.stream(stream):
+            if self.step_graphs:
+                begin()
+                self._loop(callback=cut)
+            else:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    outputs.append(self._loop())
+                graphs.append(graph)
+        torch.cuda.current_stream(self.stage.device).wait_stream(stream)
+        return graphs, outputs
+
+    def _loop(self, callback=None):
         from .step_constants import StepConstants
 
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
@@ -113,11 +157,13 @@ class CapturedLoop:
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
                 step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff,
-                cache_interval=self.cache_interval, cache_branch=self.stage.config.cache_branch,
+                cache_interval=self.cache_interval, cache_branch=self.stage.config.cache_branch, callback=callback,
             )
 
-    def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None):
-        """Replay for n <= bucket images; returns (n, 4, h, w)."""
+    def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None, callback=None):
+        """Replay for n <= bucket images; returns (n, 4, h, w). `callback(index, count,
+        latents)` (see `denoise`; step graphs only) runs after each step with that step's
+        (n, C, h, w) latents, while the next steps run; what it raises stops the replay."""
         n = latents.shape[0]
         # pad the bucket with copies of the first image (their output is dropped)
         _fill(self.latents, latents, n, 1)
@@ -130,8 +176,33 @@ class CapturedLoop:
             self.guidance[n:].fill_(1.0)
         if self.scheduler_name in _NOISY:
             self.noise[:, :n].copy_(self._draw_noise(generators, n))
-        self.graph.replay()
+        if callback is None:
+            for graph in self.graphs:
+                graph.replay()
+        else:
+            self._replay_reporting(n, callback)
         return self.output[:n].clone()
+
+    def _replay_reporting(self, n: int, callback) -> None:
+        import torch
+
+        if not self.step_graphs:
+            raise ValueError("CapturedLoop: progress needs the loop captured as step graphs")
+        total, done = len(self.graphs), []
+
+        def launch(index: int) -> None:
+            self.graphs[index].replay()
+            done.append(torch.cuda.Event())
+            done[-1].record()
+
+        for index in range(min(LOOKAHEAD, total)):
+            launch(index)
+        for index in range(total):
+            done[index].synchronize()
+            if index + LOOKAHEAD < total:
+                launch(index + LOOKAHEAD)
+            with torch.cuda.stream(self.report_stream):  # a preview's copy waits for nothing queued
+                callback(index, total, self.step_outputs[index][:n])
 
     def _draw_noise(self, generators: Sequence, n: int):
         """Every step's noise, from each image's generator in diffusers' order."""
@@ -158,11 +229,12 @@ def _fill(static, given, n: int, halves: int) -> None:
 class LoopGraphs:
     """Captured loops of a UNetStage, sharing one memory pool; eager for keys not captured."""
 
-    def __init__(self, stage, hoist: bool):
+    def __init__(self, stage, hoist: bool, step_graphs: bool = True):
         import torch
 
         self.stage = stage
         self.hoist = hoist
+        self.step_graphs = step_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.loops: dict[tuple, CapturedLoop] = {}
 
@@ -172,7 +244,7 @@ class LoopGraphs:
         for bucket in sorted(buckets):
             key = (bucket,) + params.group_key()
             if key not in self.loops:
-                self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist)
+                self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist, self.step_graphs)
         return time.perf_counter() - start
 
     def capture_defaults(self) -> None:
@@ -184,8 +256,11 @@ class LoopGraphs:
         seconds = self.capture(self.stage.check(seed=0), config.batch_buckets)
         log.info("captured %d denoising-loop graphs in %.1f s", len(self.loops), seconds)
 
-    def find(self, params: GenerationParams, n: int) -> CapturedLoop | None:
-        """The smallest captured bucket that holds n images of this key."""
+    def find(self, params: GenerationParams, n: int, reports: bool = False) -> CapturedLoop | None:
+        """The smallest captured bucket that holds n images of this key; with `reports`, only
+        a loop captured as step graphs (progress runs the eager loop otherwise)."""
+        if reports and not self.step_graphs:
+            return None
         best = None
         for (bucket, *key), loop in self.loops.items():
             if tuple(key) == params.group_key() and bucket >= n and (best is None or bucket < best.bucket):

@@ -55,7 +55,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     elif level == "deepspeed":
         stage.unet = inject_deepspeed(stage.unet)
     if level in ("triton", "deepspeed"):
-        stage.graphs = LoopGraphs(stage, hoist)
+        stage.graphs = LoopGraphs(stage, hoist, config.fast_path.step_graphs)
         if capture:
             stage.graphs.capture_defaults()
 
