@@ -2,8 +2,8 @@
 Triton's own (`nv_inference_*`):
 
 - `sd_images_generated_total`: images decoded.
-- `sd_denoise_steps_total`: denoising steps run (its rate is steps per second); the
-  streaming model's are the series `{stage="stream"}`.
+- `sd_denoise_steps_total`: denoising steps run (its rate is steps per second), by the
+  `unet` model, which runs the streaming model's loops too.
 - `sd_stage_seconds{stage}`: time of one execute() per stage, as a histogram.
 - `sd_batch_size{stage}`: requests per execute() per stage (dynamic batching at work).
 """
@@ -34,11 +34,11 @@ class StageMetrics:
         }
         if stage == "vae":
             self._metrics["images"] = self._families["images"].Metric(labels={})
-        if stage in ("unet", "stream"):
-            # One series per model: in Triton 2.51 two models' metrics with the same labels
-            # are one series, which the first model to unload frees under the other (its
-            # next increment writes freed memory: the server aborts). Sum them to count both.
-            self._metrics["steps"] = self._families["steps"].Metric(labels={} if stage == "unet" else labels)
+        if stage == "unet":
+            # Only here: in Triton 2.51 two models' metrics with the same labels are one
+            # series, which the first model to unload frees under the other (its next
+            # increment writes freed memory: the server aborts).
+            self._metrics["steps"] = self._families["steps"].Metric(labels={})
 
     def timed(self, requests: list, execute):
         """Run execute(), recording its duration and the batch size."""
@@ -50,7 +50,7 @@ class StageMetrics:
             self._metrics["batch"].observe(len(requests))
 
     def add(self, name: str, value: float) -> None:
-        """Count images (vae) or denoising steps (unet, stream)."""
+        """Count images (vae) or denoising steps (unet)."""
         self._metrics[name].increment(value)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from .lora import fuse_loras, parse_loras
 from .params import GenerationParams, check_params
 from .prompt_encoder import PromptEncoder
 from .schedulers import make_scheduler
+from .streaming import Cancelled, group_reporter
 
 log = logging.getLogger("sd_backend")
 
@@ -49,6 +50,7 @@ class DenoiseJob:
     init_moments: Any = None  # image-to-image: INIT_IMAGE's latent distribution (2 x 4, h, w), VAEEncoderStage's
     masked_moments: Any = None  # inpainting: the masked image's latent distribution, likewise
     latent_mask: Any = None  # inpainting: (1, h, w) 0/1, MASK_IMAGE at the latents' size
+    progress: Any = None  # the streaming model's request: its sd_backend.streaming.JobProgress
 
 
 class TextEncoderStage:
@@ -119,8 +121,7 @@ class UNetStage:
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None, capture: bool = True) -> "UNetStage":
-        """`capture=False` skips the whole-loop CUDA graphs of the default request (for a
-        loop that runs step by step, as the streaming model's does)."""
+        """`capture=False` skips capturing the default request's loops at load."""
         source, device, dtype = loading.placement(config, instance_device)
         unet = loading.load_unet(source, device, dtype)
         family = loading.family(source)
@@ -138,7 +139,8 @@ class UNetStage:
         return check_params(self.config, self.family, **raw)
 
     def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
-        """One latent tensor (1, 4, h, w) per job, in order."""
+        """One latent tensor (1, 4, h, w) per job, in order; None for a job whose stream
+        was cancelled (its progress says so)."""
         results: list[Any] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
@@ -147,14 +149,18 @@ class UNetStage:
         for indices in groups.values():
             for start in range(0, len(indices), chunk):
                 part = indices[start : start + chunk]
-                latents = self.run_group([jobs[i] for i in part])
+                try:
+                    latents = self.run_group([jobs[i] for i in part])
+                except Cancelled:  # every job of the part is a cancelled stream
+                    continue
                 for i, row in zip(part, latents.split(1)):
                     results[i] = row
         return results
 
-    def run_group(self, jobs: Sequence[DenoiseJob], callback=None):
-        """Denoise jobs that share a group key as one batch; returns (B, 4, h, w).
-        With a per-step `callback` (see `denoise`) the loop runs step by step, not as a graph."""
+    def run_group(self, jobs: Sequence[DenoiseJob]):
+        """Denoise jobs that share a group key as one batch; returns (B, 4, h, w). Jobs with
+        progress get a report after every step (on the captured loop where it is one graph
+        per step); Cancelled when all of them are streams their clients cancelled."""
         import torch
 
         params = [job.params for job in jobs]
@@ -174,11 +180,12 @@ class UNetStage:
         guidance = None
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
+        callback = group_reporter([job.progress for job in jobs])
         # no captured loops for image-to-image and inpainting yet: their loops start part way
-        graphed = self.graphs is not None and callback is None and timesteps is None and inpaint is None
-        captured = self.graphs.find(first, len(jobs)) if graphed else None
+        graphed = self.graphs is not None and timesteps is None and inpaint is None
+        captured = self.graphs.find(first, len(jobs), reports=callback is not None) if graphed else None
         if captured is not None:
-            return captured.run(latents, embeds, guidance, generators, added)
+            return captured.run(latents, embeds, guidance, generators, added, callback=callback)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
             timesteps=timesteps, guidance_cutoff=first.guidance_cutoff, cache_interval=first.cache_interval,

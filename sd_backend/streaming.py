@@ -1,14 +1,18 @@
-"""The streaming path: one request's denoising loop, step by step, with progress.
+"""The streaming path's reports: after every denoising step, which step, and every
+`preview_every` steps a preview computed from the latents alone (a fixed linear map from the
+4 latent channels to RGB at latent resolution: no VAE call, about a microsecond of
+arithmetic per pixel).
 
-`stable_diffusion_stream` (a decoupled Python-backend model) sends a response per step
-and, every `preview_every` steps, a preview computed from the latents alone (a fixed
-linear map from the 4 latent channels to RGB at latent resolution: no VAE call, about
-a microsecond of arithmetic per pixel).
+`stable_diffusion_stream` (a decoupled model) sends its request to the `unet` model with a
+PROGRESS_TOKEN; there, each such request's `JobProgress` reports over the channel
+(sd_backend.progress_channel) while the loop runs, on the captured graphs or step by step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Sequence
+
+from .progress_channel import Progress, Reporter
 
 # latent channels -> RGB in [-1, 1] for Stable Diffusion 1.x/2.x latents, the
 # least-squares fit that image UIs use for live previews
@@ -33,15 +37,39 @@ def preview(latents) -> Any:
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
 
 
-def step_reporter(preview_every: int, send: Callable[[int, int, Any], None], cancelled: Callable[[], bool]):
-    """A `denoise` callback: raises Cancelled when the client went away, else calls
-    `send(step, total, preview_or_None)` with the 1-based step number."""
+class JobProgress:
+    """One request's reports: `report(index, total, latents)` after each step (latents its
+    own (1, C, h, w) row); stops reporting once the streaming model cancels."""
+
+    def __init__(self, reporter: Reporter, preview_every: int):
+        self.reporter = reporter
+        self.preview_every = preview_every
+        self.cancelled = False
+
+    def report(self, index: int, total: int, latents) -> None:
+        if self.cancelled or self.reporter.cancelled():
+            self.cancelled = True
+            return
+        step = index + 1
+        show = self.preview_every > 0 and (step % self.preview_every == 0 or step == total)
+        self.reporter.send(Progress(step, total, preview(latents) if show else None))
+
+    def close(self) -> None:
+        self.reporter.close()
+
+
+def group_reporter(progress: Sequence[JobProgress | None]):
+    """A `denoise` callback for one batch whose rows are `progress`' requests (None: a
+    request without reports): each row's report, then Cancelled when every row is a
+    cancelled stream (the batch's work is for nobody). None when no row reports."""
+    if all(p is None for p in progress):
+        return None
 
     def report(index: int, total: int, latents) -> None:
-        if cancelled():
+        for row, job in enumerate(progress):
+            if job is not None:
+                job.report(index, total, latents[row : row + 1])
+        if all(job is not None and job.cancelled for job in progress):
             raise Cancelled(f"cancelled by the client after step {index + 1} of {total}")
-        step = index + 1
-        show = preview_every > 0 and (step % preview_every == 0 or step == total)
-        send(step, total, preview(latents) if show else None)
 
     return report

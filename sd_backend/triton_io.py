@@ -94,6 +94,31 @@ def read_scalar(pb, request, name: str) -> Any:
     return values[0].item()
 
 
+def read_preview_every(pb, request, steps: int) -> int:
+    """PREVIEW_EVERY (0, no previews, when absent); ValueError outside 0..steps."""
+    every = read_scalar(pb, request, "PREVIEW_EVERY") or 0
+    if not 0 <= every <= steps:
+        raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({steps})")
+    return int(every)
+
+
+def read_progress(pb, request, steps: int):
+    """The streaming model's request's sd_backend.streaming.JobProgress, connected to the
+    channel PROGRESS_TOKEN names (with PREVIEW_EVERY), or None without a token; ValueError
+    for a bad token, a PREVIEW_EVERY out of range, or no stream listening."""
+    from .progress_channel import Reporter
+    from .streaming import JobProgress
+
+    token = read_text(pb, request, "PROGRESS_TOKEN")
+    if token is None:
+        return None
+    every = read_preview_every(pb, request, steps)
+    try:
+        return JobProgress(Reporter(token), every)
+    except OSError as err:
+        raise ValueError(f"PROGRESS_TOKEN: no streaming request listens on it ({err})") from None
+
+
 # the text encoder's outputs the UNet is conditioned on, in DenoiseJob's field order
 CONDITIONING = ("PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "POOLED_EMBEDS", "NEGATIVE_POOLED_EMBEDS")
 

@@ -3,6 +3,7 @@ image as the plain ensemble, cancellation that stops the server's work, clear er
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.utils import assert_same_image
+from tests.utils import assert_same_image, model_counts
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,69 @@ def test_cancel_event_from_another_thread(client):
         client.stream("cancel me", seed=5, steps=150, height=256, width=256, cancel=cancel)
     timer.cancel()
     assert client.stream("after", seed=6, steps=2).image.shape == (64, 64, 3)
+
+
+def _streams_at_once(server, jobs: list[dict], on_progress) -> list:
+    """Each job (SDClient.stream's keywords) on its own client, started together; results
+    (or the exception raised) in order."""
+    from sd_client import SDClient
+
+    clients = [SDClient(server.grpc_url, "grpc", timeout_s=300) for _ in jobs]
+    start = threading.Barrier(len(jobs))
+
+    def one(i: int):
+        start.wait()
+        try:
+            return clients[i].stream(on_progress=lambda p: on_progress(i, p), **jobs[i])
+        except Exception as err:  # noqa: BLE001 - returned to the test
+            return err
+        finally:
+            clients[i].close()
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(one, range(len(jobs))))
+
+
+def test_concurrent_streams_share_the_unets_batches_each_with_its_own_progress(server, client):
+    """No UNet of its own: streams arriving together denoise in one batch of the unet model
+    (which batches them with the ensemble's too), each getting its own reports and image."""
+    import tritonclient.grpc as tg
+
+    jobs = [dict(prompt=f"a lantern {i}", seed=40 + i, steps=6, scheduler="euler", preview_every=3) for i in range(4)]
+    alone = [client.generate(j["prompt"], seed=j["seed"], steps=6, scheduler="euler").image for j in jobs]
+    stats = tg.InferenceServerClient(server.grpc_url)
+    before = model_counts(stats, "unet")
+    seen = [[] for _ in jobs]
+    results = _streams_at_once(server, jobs, lambda i, p: seen[i].append(p))
+    after = model_counts(stats, "unet")
+    stats.close()
+    for i, result in enumerate(results):
+        assert not isinstance(result, Exception), result
+        assert [p.step for p in seen[i]] == [1, 2, 3, 4, 5, 6]
+        assert [p.step for p in seen[i] if p.preview is not None] == [3, 6]
+        assert_same_image(result.image, alone[i])  # one level where the batch size changes rounding
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == len(jobs)
+    assert executions < inferences, f"streams not batched: {executions} unet executions for {inferences} streams"
+
+
+def test_a_stream_cancelled_inside_a_batch_leaves_the_others_running(server, client):
+    from sd_client import Cancelled
+
+    common = dict(steps=40, height=128, width=128, scheduler="euler")
+    jobs = [dict(prompt="kept", seed=51, **common), dict(prompt="dropped", seed=52, **common)]
+    seen = [[] for _ in jobs]
+
+    def progress(i, p):
+        seen[i].append(p.step)
+        return i == 0 or p.step < 3  # the second cancels at its third step
+
+    kept, dropped = _streams_at_once(server, jobs, progress)
+    assert isinstance(dropped, Cancelled), dropped
+    assert seen[1] == [1, 2, 3]
+    assert not isinstance(kept, Exception), kept
+    assert seen[0] == list(range(1, 41))
+    assert_same_image(kept.image, client.generate("kept", seed=51, **common).image)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,22 @@
 """Triton adapter for the streaming path: progress per step, previews, cancellation.
 
 Decoupled: each request gets a response per denoising step, then the image (or an
-error), then the final flag. The math lives in sd_backend (stages, streaming).
+error), then the final flag. It holds no model and loads none: the prompt goes to
+`text_encoder` (which checks the whole request, as in the ensemble), the image
+(image-to-image, inpainting) to `vae_encoder`, the loop to `unet` and the latents to `vae`,
+each by BLS, so a stream's loop batches with the ensemble's and other streams' on the same
+captured graphs. The `unet` model reports each step over the request's progress channel
+(sd_backend.progress_channel), which this model forwards while its BLS call runs.
+
+One request at a time per instance, answered before `execute` returns; concurrent streams
+run on the model's instances (config.pbtxt), which are light processes. Threads that answer
+requests after `execute` returned, or several BLS calls in flight from one process, crashed
+tritonserver 2.51's Python backend in testing (its shared-memory bookkeeping, see
+benchmarks/NOTES.md), so each instance keeps one BLS call in flight.
 """
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,41 +28,53 @@ except ImportError:  # served from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from sd_backend import triton_io as io
 from sd_backend.metrics import StageMetrics
-from sd_backend.stages import DenoiseJob, UNetStage
-from sd_backend.streaming import Cancelled, step_reporter
+from sd_backend.progress_channel import Listener
+from sd_backend.streaming import Cancelled
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# what the vae_encoder model reads of a request (model_repository/vae_encoder/config.pbtxt)
-_ENCODER_INPUTS = (
-    "INIT_IMAGE", "MASK_IMAGE", "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER",
-    "STRENGTH",
-)
-_MASK_OUTPUTS = ("MASKED_MOMENTS", "LATENT_MASK")  # vae_encoder's, for inpainting
+_POLL_S = 0.02  # how often a stream waiting on its loop checks for its client's cancel
+_GENERATION = ("SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH")
+# what each model this one calls reads of the request (their config.pbtxt)
+_TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT", *_GENERATION)
+_ENCODER_INPUTS = ("INIT_IMAGE", "MASK_IMAGE", *_GENERATION)
+_UNET_INPUTS = (*_GENERATION, "PREVIEW_EVERY")
+_UNET_OUTPUTS = ["LATENTS", "SEED_USED", "PARAMETERS"]
 
 
 def _call(model: str, inputs: list, outputs: list[str]) -> dict:
-    """A BLS call to another model of this repository; its INVALID_ARG becomes ValueError."""
-    reply = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs).exec()
+    """A BLS call to another model of this repository; its INVALID_ARG becomes ValueError,
+    its CANCELLED Cancelled. The outputs come in host memory (embeddings, moments, latents:
+    at most a few MB): this process never opens a GPU, so an instance costs no GPU memory.
+    (PreferredMemory exists once the stub has set the module up, not at import.)"""
+    host = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU)
+    reply = pb_utils.InferenceRequest(
+        model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=host
+    ).exec()
     if reply.has_error():
         error = reply.error()
         if error.code() == pb_utils.TritonError.INVALID_ARG:
             raise ValueError(error.message())
+        if error.code() == pb_utils.TritonError.CANCELLED:
+            raise Cancelled(error.message())
         raise RuntimeError(f"{model}: {error.message()}")
     return {name: pb_utils.get_output_tensor_by_name(reply, name) for name in outputs}
 
 
+def _given(request, names) -> list:
+    """The request's inputs of those names that it has."""
+    return [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in names) if t is not None]
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        # kernels yes, whole-loop graphs no: this loop reports every step
-        self.stage = io.load_stage(UNetStage, args, capture=False)
         self.metrics = StageMetrics(pb_utils, "stream")
 
     def execute(self, requests):
         for request in requests:
-            self.metrics.timed([request], lambda: self._serve(request))
+            self.metrics.timed([request], lambda: self._answer(request))
         return None
 
-    def _serve(self, request):
+    def _answer(self, request):
         sender = request.get_response_sender()
         try:
             final = self._generate(request, sender)
@@ -61,48 +85,68 @@ class TritonPythonModel:
         sender.send(final, flags=_FINAL)
 
     def _generate(self, request, sender):
-        io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)  # PROMPT present, both within limits
-        mask = io.read_mask(pb_utils, request)  # inpainting, with INIT_IMAGE
-        image_to_image = mask is not None or pb_utils.get_input_tensor_by_name(request, "INIT_IMAGE") is not None
-        image_size = tuple(io.read_image(pb_utils, request).shape[:2]) if image_to_image else None
-        mask_size = None if mask is None else tuple(mask.shape)
-        params = self.stage.check(image_size=image_size, mask_size=mask_size, inpaint=mask is not None, **io.read_generation_inputs(pb_utils, request))
-        every = io.read_scalar(pb_utils, request, "PREVIEW_EVERY") or 0
-        if not 0 <= every <= params.steps:
-            raise ValueError(f"PREVIEW_EVERY: {every} is out of range; allowed 0 (no previews) to STEPS ({params.steps})")
-
-        texts = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in ("PROMPT", "NEGATIVE_PROMPT")) if t]
-        encoded = _call("text_encoder", texts, [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
-        images = {}  # INIT_MOMENTS, and for inpainting MASKED_MOMENTS and LATENT_MASK
-        if image_to_image:  # the image's latent distribution, by the vae_encoder model (which checks it too)
-            given = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in _ENCODER_INPUTS) if t]
-            wanted = ["INIT_MOMENTS", *(_MASK_OUTPUTS if mask is not None else ())]
-            images = {name: io.to_torch(tensor)[0] for name, tensor in _call("vae_encoder", given, wanted).items()}
-        job = DenoiseJob(
-            params, *(io.to_torch(encoded[name])[0] for name in io.CONDITIONING), init_moments=images.get("INIT_MOMENTS"),
-            masked_moments=images.get("MASKED_MOMENTS"), latent_mask=images.get("LATENT_MASK"),
-        )
-
-        def send(step, total, preview):
-            outputs = [
-                pb_utils.Tensor("STEP", np.array([[step]], np.int32)),
-                pb_utils.Tensor("TOTAL_STEPS", np.array([[total]], np.int32)),
-            ]
-            if preview is not None:
-                outputs.append(pb_utils.Tensor("PREVIEW", preview[None]))
-            sender.send(pb_utils.InferenceResponse(outputs))
-
-        latents = self.stage.run_group([job], callback=step_reporter(int(every), send, request.is_cancelled))
-        self.metrics.add("steps", params.steps)
-        image = _call("vae", [io.from_torch(pb_utils, "LATENTS", latents.float())], ["IMAGE"])["IMAGE"]
+        encoded = _call("text_encoder", _given(request, _TEXT_INPUTS), [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
+        unet_inputs = [encoded[name] for name in io.CONDITIONING] + _given(request, _UNET_INPUTS)
+        image = _given(request, ("INIT_IMAGE", "MASK_IMAGE"))
+        if image:  # image-to-image or inpainting: the image's latent distribution, by vae_encoder (which checks it)
+            inpaint = any(t.name() == "MASK_IMAGE" for t in image)
+            wanted = ["INIT_MOMENTS", *(("MASKED_MOMENTS", "LATENT_MASK") if inpaint else ())]
+            unet_inputs += _call("vae_encoder", _given(request, _ENCODER_INPUTS), wanted).values()
+        if request.is_cancelled():
+            raise Cancelled("cancelled by the client before denoising")
+        denoised = self._denoise(request, sender, unet_inputs)
+        decoded = _call("vae", [denoised["LATENTS"]], ["IMAGE"])
         return pb_utils.InferenceResponse(
             [
-                pb_utils.Tensor("IMAGE", image.as_numpy()),
-                pb_utils.Tensor("SEED_USED", np.array([[params.seed]], np.int64)),
-                pb_utils.Tensor("PROMPT_TOKENS_DROPPED", encoded["PROMPT_TOKENS_DROPPED"].as_numpy()),
-                io.parameters_tensor(pb_utils, params, self.stage.config),
+                decoded["IMAGE"],
+                denoised["SEED_USED"],
+                encoded["PROMPT_TOKENS_DROPPED"],
+                denoised["PARAMETERS"],
             ]
         )
+
+    def _denoise(self, request, sender, inputs: list) -> dict:
+        """The unet model's outputs for this request, its step reports forwarded as they come."""
+        listener = Listener()
+        outcome = {}
+        try:
+            token = pb_utils.Tensor("PROGRESS_TOKEN", np.array([[listener.token.encode()]], dtype=object))
+
+            def call():
+                try:
+                    outcome["outputs"] = _call("unet", inputs + [token], _UNET_OUTPUTS)
+                except Exception as err:  # noqa: BLE001 - raised on the request's thread below
+                    outcome["error"] = err
+
+            unet = threading.Thread(target=call, name="stream-unet")
+            unet.start()
+            cancelled = False
+            # until the unet hangs up (its loop is over), or answers without connecting (it refused the request)
+            while not listener.closed and (unet.is_alive() or listener.connected(0.0)):
+                if not cancelled and request.is_cancelled():
+                    cancelled = True
+                    listener.cancel()
+                progress = listener.receive(_POLL_S)
+                if progress is not None and not cancelled:
+                    sender.send(self._progress_response(progress))
+            unet.join()
+        finally:
+            listener.close()
+        if "error" in outcome:
+            raise outcome["error"]
+        if cancelled:
+            raise Cancelled("cancelled by the client")
+        return outcome["outputs"]
+
+    @staticmethod
+    def _progress_response(progress):
+        outputs = [
+            pb_utils.Tensor("STEP", np.array([[progress.step]], np.int32)),
+            pb_utils.Tensor("TOTAL_STEPS", np.array([[progress.total]], np.int32)),
+        ]
+        if progress.preview is not None:
+            outputs.append(pb_utils.Tensor("PREVIEW", progress.preview[None]))
+        return pb_utils.InferenceResponse(outputs)
 
     def finalize(self):
         self.metrics.close()
