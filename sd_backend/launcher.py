@@ -15,6 +15,7 @@ model whose Python-backend stub process died.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
@@ -365,20 +366,31 @@ class TritonServer:
 
     def _watch_stubs(self) -> None:
         watched: dict[int, str] = {}  # stubs seen while their model was ready
-        while not self._stopping.wait(STUB_POLL_S):
-            if self.process is None or self.process.poll() is not None:
+        seen: dict[int, int] = {}  # stub -> the poll it was first listed at
+        for poll in itertools.count():
+            if self._stopping.wait(STUB_POLL_S) or self.process is None or self.process.poll() is not None:
                 return
-            for pid, model in self.stub_processes().items():
+            stubs = self.stub_processes()
+            for pid, model in stubs.items():
+                seen.setdefault(pid, poll)
                 # a stub of a model that is loading (or an auto-complete stub) is not watched yet
                 if pid not in watched and self.is_model_ready(model):
                     watched[pid] = model
             for pid, model in list(watched.items()):
-                if processes.alive(pid):
+                if pid not in watched or processes.alive(pid):
                     continue
                 del watched[pid]
-                # a stub also exits when its model is unloaded on purpose; then the model is not ready
-                if not self._stopping.is_set() and self.is_model_ready(model):
+                # A stub also exits on purpose when its model is unloaded (then the model is not
+                # ready) or loaded again: Triton stops a model's instances one after another, the
+                # last ones maybe after the new ones are ready. Stubs of one load start within a
+                # poll of each other; a stub listed two polls or more after this one is a newer load's.
+                load = seen[pid] + 1  # the last poll at which a stub of the same load was listed
+                reloaded = any(m == model and seen[p] > load for p, m in stubs.items())
+                if not reloaded and not self._stopping.is_set() and self.is_model_ready(model):
                     self._reload(model)
+                    reloaded = True
+                if reloaded:  # the other stubs of the old load go too, on purpose
+                    watched = {p: m for p, m in watched.items() if m != model or seen[p] > load}
 
     def _reload(self, model: str) -> None:
         self.stub_deaths.append(model)
