@@ -116,6 +116,8 @@ class SDClient:
             "STRENGTH": (parameters.get("strength"), "FP32"),
             "INIT_IMAGE": (parameters.get("init_image"), "UINT8"),
             "MASK_IMAGE": (parameters.get("mask_image"), "UINT8"),
+            "LORA": (parameters.get("lora"), "BYTES"),
+            "LORA_SCALE": (parameters.get("lora_scale"), "FP32"),
         }
         inputs = []
         for name, (value, dtype) in spec.items():
@@ -148,6 +150,8 @@ class SDClient:
         init_image: np.ndarray | None = None,
         strength: float | None = None,
         mask_image: np.ndarray | None = None,
+        lora: str | None = None,
+        lora_scale: float | None = None,
     ) -> GenerationResult:
         """Generate one image; raises tritonclient's InferenceServerException on a server error.
         With `init_image` (uint8 (height, width, 3)) it is image-to-image: the image is the
@@ -155,7 +159,8 @@ class SDClient:
         with `mask_image` too (uint8 (height, width), 255 = repaint) it is inpainting.
         `guidance_cutoff` below 1 stops guidance after that fraction of the steps, and
         `cache_interval` above 1 runs the whole UNet at every that-many-th step only
-        (DeepCache): both faster, not exact."""
+        (DeepCache): both faster, not exact. `lora` names one of the deployment's
+        lora_choices adapters, `lora_scale` weights it (the server's default when None)."""
         parameters = dict(
             negative_prompt=negative_prompt,
             seed=seed,
@@ -169,6 +174,8 @@ class SDClient:
             init_image=init_image,
             strength=strength,
             mask_image=mask_image,
+            lora=lora,
+            lora_scale=lora_scale,
         )
         if mask_image is not None and init_image is None:
             raise ValueError("mask_image: inpainting needs init_image too (the image the mask marks)")

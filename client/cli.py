@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-image", help="image-to-image: start from this image (its size is the result's; sides multiples of 8)")
     parser.add_argument("--mask", help="inpainting, with --init-image: repaint where this image is white (its size is the image's; read as grayscale)")
     parser.add_argument("--strength", type=float, help="image-to-image: how much of the image is noised away, above 0 up to 1 (default: the server's, 0.8 as shipped)")
+    parser.add_argument("--lora", metavar="NAME[:SCALE]", help="one of the server's lora_choices adapters, optionally with its scale (default: none; the scale: the server's for it, 1 unless set)")
     parser.add_argument("--url", help="server address (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="(default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default %(default)s)")
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         guidance_cutoff=args.guidance_cutoff,
         cache_interval=args.cache_interval,
     )
+    if args.lora:
+        name, sep, scale = args.lora.rpartition(":")
+        try:
+            parameters["lora"], parameters["lora_scale"] = (name, float(scale)) if sep else (args.lora, None)
+        except ValueError:
+            print(f"sd-client: --lora: {scale!r} after the last ':' is not a scale (NAME or NAME:SCALE)", file=sys.stderr)
+            return 2
     if args.init_image:
         pictures = (("init_image", "--init-image", args.init_image, "RGB"), ("mask_image", "--mask", args.mask, "L"))
         for key, option, path, mode in pictures:

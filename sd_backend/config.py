@@ -141,6 +141,13 @@ class DeploymentConfig:
     `"file.safetensors"` or `"file.safetensors:scale"` (scale 1 when left out), diffusers/PEFT
     or kohya format (sd_backend.lora). Every request gets them, at no cost per request."""
 
+    lora_choices: tuple[str, ...] = ()
+    """LoRA adapters a request chooses by name (`LORA`, weighted by `LORA_SCALE`), all loaded
+    at load: `"name=file.safetensors"` (or a file, named by its stem), optionally followed by
+    `:scale`, the scale a request that leaves LORA_SCALE out gets (1 when left out). A batch
+    runs one adapter at a time; switching rewrites the adapted weights in place
+    (sd_backend.lora_choices), so the captured loops stay valid. Not on the `deepspeed` level."""
+
     default_strength: float = 0.8
     """Image-to-image: how much of INIT_IMAGE is noised away when a request leaves
     `STRENGTH` out (diffusers' default); the loop runs int(steps x strength) steps."""
@@ -190,6 +197,12 @@ class DeploymentConfig:
             from .lora import parse_loras
 
             parse_loras(self.lora)  # a missing file fails the deployment here, not in a model's load
+        if self.lora_choices:
+            from .lora_choices import parse_lora_choices
+
+            parse_lora_choices(self.lora_choices)
+            if self.opt_level == "deepspeed":
+                raise ValueError("lora_choices: not served on the deepspeed level (its kernels hold their own copy of the weights)")
         if self.default_cache_interval < 1:
             raise ValueError(f"default_cache_interval: {self.default_cache_interval} is out of range; allowed 1 or more (1: off)")
         if self.cache_branch < 0:

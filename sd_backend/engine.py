@@ -23,11 +23,9 @@ class Engine:
         negatives = list(negatives) if negatives is not None else [None] * len(prompts)  # None: no NEGATIVE_PROMPT
         seeds = params.pop("seed", None)
         seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds] * len(prompts)
-        encoded = self.text_encoder(prompts, negatives)
-        jobs = [
-            DenoiseJob(self.unet.check(seed=seed, **params), e.prompt_embeds, e.negative_embeds, e.pooled, e.negative_pooled)
-            for seed, e in zip(seeds, encoded)
-        ]
+        checked = [self.unet.check(seed=seed, **params) for seed in seeds]
+        encoded = self.text_encoder(prompts, negatives, [(p.lora, p.lora_scale) for p in checked])
+        jobs = [DenoiseJob(p, e.prompt_embeds, e.negative_embeds, e.pooled, e.negative_pooled) for p, e in zip(checked, encoded)]
         return self.unet(jobs)
 
     def generate(self, prompts: Sequence[str], negatives: Sequence[str] | None = None, **params: Any) -> list:

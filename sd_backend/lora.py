@@ -49,6 +49,17 @@ def _loader(sdxl: bool):
     return StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
 
 
+def load_adapter(model, component: str, file: str, name: str, sdxl: bool) -> None:
+    """Load `file`'s part for `component` into `model` as PEFT adapter `name` (unfused), with
+    diffusers' loader (kohya names converted); a file without a part for it adds nothing."""
+    loader = _loader(sdxl)
+    state, alphas = loader.lora_state_dict(file)
+    if component == "unet":
+        loader.load_lora_into_unet(state, alphas, unet=model, adapter_name=name)
+    else:
+        loader.load_lora_into_text_encoder(state, alphas, text_encoder=model, prefix=component, adapter_name=name)
+
+
 def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> None:
     """Fuse every adapter's part for `component` ("unet", "text_encoder", "text_encoder_2") into
     `model`, each weighted by its scale; a file without a part for it changes nothing there."""
@@ -58,16 +69,12 @@ def fuse_loras(model, component: str, loras: Sequence[LoraSpec], sdxl: bool) -> 
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    loader, names = _loader(sdxl), []
+    names = []
     # every adapter loaded before any is fused: loading one into a model with a fused adapter
     # makes PEFT unfuse that one first (its contribution would be lost at the unload)
     for index, spec in enumerate(loras):
         name = f"deployment_{index}"
-        state, alphas = loader.lora_state_dict(spec.file)
-        if component == "unet":
-            loader.load_lora_into_unet(state, alphas, unet=model, adapter_name=name)
-        else:
-            loader.load_lora_into_text_encoder(state, alphas, text_encoder=model, prefix=component, adapter_name=name)
+        load_adapter(model, component, spec.file, name, sdxl)
         if any(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in model.modules()):
             names.append((name, spec.scale))  # else this file adapts other components only
     if not names:

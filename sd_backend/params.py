@@ -7,6 +7,7 @@ value and what is allowed; `model.py` turns it into an `INVALID_ARG` response.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import secrets
 from typing import Any
@@ -32,6 +33,8 @@ class GenerationParams:
     guidance_cutoff: float = 1.0  # the fraction of the loop's steps after which guidance stops (1: never)
     cache_interval: int = 1  # DeepCache: the whole UNet runs at every cache_interval-th step only (1: every step)
     inpaint: bool = False  # MASK_IMAGE given: the masked part of INIT_IMAGE is repainted
+    lora: str = ""  # the deployment's lora_choices adapter the request chose ("" for none)
+    lora_scale: float = 1.0  # its weight (1 without an adapter)
 
     @property
     def start_step(self) -> int:
@@ -50,7 +53,7 @@ class GenerationParams:
         cutoff = self.guidance_cutoff if self.uses_guidance else 1.0
         return (
             self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step,
-            cutoff, self.cache_interval, self.inpaint,
+            cutoff, self.cache_interval, self.inpaint, self.lora, self.lora_scale,
         )
 
     def record(self, model: str) -> dict[str, Any]:
@@ -66,7 +69,9 @@ class GenerationParams:
             "scheduler": self.scheduler,
             "guidance_cutoff": self.guidance_cutoff,
             "cache_interval": self.cache_interval,
-        } | ({"strength": self.strength} if self.strength is not None else {})
+        } | ({"strength": self.strength} if self.strength is not None else {}) | (
+            {"lora": self.lora, "lora_scale": self.lora_scale} if self.lora else {}
+        )
 
 
 def _as_float(field: str, value: Any) -> float:
@@ -111,6 +116,8 @@ def check_params(
     image_size: tuple[int, int] | None = None,
     mask_size: tuple[int, int] | None = None,
     inpaint: bool | None = None,
+    lora: Any = None,
+    lora_scale: Any = None,
 ) -> GenerationParams:
     """Fill omitted parameters from `config` and check all of them.
 
@@ -212,4 +219,34 @@ def check_params(
                 f"CACHE_INTERVAL: {interval} is out of range; allowed 1 to STEPS ({steps}): the whole UNet runs at every "
                 "CACHE_INTERVAL-th step, its shallow branch in between (1: every step, exact)"
             )
-    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff, interval, bool(inpaint))
+    adapter, weight = _check_lora(config, lora, lora_scale)
+    return GenerationParams(seed, steps, guidance, sizes[0], sizes[1], name, strength, cutoff, interval, bool(inpaint), adapter, weight)
+
+
+MAX_LORA_SCALE = 4.0
+
+
+@functools.lru_cache(maxsize=8)
+def _lora_choices(entries: tuple[str, ...]) -> dict:
+    from .lora_choices import parse_lora_choices
+
+    return parse_lora_choices(entries)
+
+
+def _check_lora(config: DeploymentConfig, lora: Any, lora_scale: Any) -> tuple[str, float]:
+    """(LORA, LORA_SCALE) checked against the deployment's lora_choices; ("", 1.0) for none.
+    LORA_SCALE without LORA (or with LORA "") weights nothing and is ignored."""
+    if isinstance(lora, bytes):
+        lora = lora.decode("utf-8", errors="replace")
+    if lora is None or lora == "":
+        return "", 1.0
+    if not isinstance(lora, str):
+        raise ValueError(f"LORA: {lora!r} is not text; send an adapter's name")
+    choices = _lora_choices(tuple(config.lora_choices))
+    if lora not in choices:
+        known = ", ".join(sorted(choices)) or "none (the deployment sets no lora_choices)"
+        raise ValueError(f"LORA: {lora!r} is not one of this deployment's adapters; known: {known}")
+    scale = choices[lora].scale if lora_scale is None else _decimal_of_fp32(_as_float("LORA_SCALE", lora_scale))
+    if not (math.isfinite(scale) and -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE):
+        raise ValueError(f"LORA_SCALE: {scale} is out of range; allowed -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (1: the adapter as trained)")
+    return lora, scale

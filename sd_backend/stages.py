@@ -19,10 +19,14 @@ from .deepcache import check_branch
 from .denoise import denoise, prepare_latents
 from .family import ModelFamily
 from .lora import fuse_loras, parse_loras
+from .lora_choices import AdapterSwitch, parse_lora_choices
 from .params import GenerationParams, check_params
 from .prompt_encoder import PromptEncoder
 from .schedulers import make_scheduler
 from .streaming import Cancelled, group_reporter
+from .vae_stages import VAEEncoderStage, VAEStage, latent_statistics
+
+__all__ = ["DenoiseJob", "EncodedPrompt", "TextEncoderStage", "UNetStage", "VAEEncoderStage", "VAEStage"]
 
 log = logging.getLogger("sd_backend")
 
@@ -60,40 +64,62 @@ class TextEncoderStage:
     work: a bad request fails here, not after waiting in the UNet's queue.
     """
 
-    def __init__(self, config: DeploymentConfig, encoder: PromptEncoder, device):
+    def __init__(self, config: DeploymentConfig, encoder: PromptEncoder, device, switches: Sequence = ()):
         self.config = config
         self.encoder = encoder
         self.family = encoder.family
         self.device = device
+        self.switches = tuple(switches)  # sd_backend.lora_choices.AdapterSwitch of each encoder with lora_choices
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "TextEncoderStage":
         source, device, dtype = loading.placement(config, instance_device)
         family = loading.family(source)
         encoders = loading.load_text_encoders(source, device, dtype, family)
-        loras = parse_loras(config.lora)
+        loras, switches = parse_loras(config.lora), []
         for suffix, (_, text_encoder) in zip(family.text_encoders, encoders):
             fuse_loras(text_encoder, f"text_encoder{suffix}", loras, family.is_sdxl)
-        return cls(config, PromptEncoder(encoders, family), device)
+            if config.lora_choices:
+                switches.append(AdapterSwitch(text_encoder, f"text_encoder{suffix}", parse_lora_choices(config.lora_choices), family.is_sdxl))
+        return cls(config, PromptEncoder(encoders, family), device, switches)
 
     def check(self, **raw) -> GenerationParams:
         """The request's generation parameters as the UNet stage will check them (raises ValueError)."""
         return check_params(self.config, self.family, **raw)
 
-    def __call__(self, prompts: Sequence[str], negatives: Sequence[str | None]) -> list[EncodedPrompt]:
+    def __call__(
+        self, prompts: Sequence[str], negatives: Sequence[str | None], adapters: Sequence[tuple[str, float]] | None = None
+    ) -> list[EncodedPrompt]:
         """A negative of None is an absent NEGATIVE_PROMPT: "" as diffusers takes it, or
-        zeros where the model asks for them (SDXL's force_zeros_for_empty_prompt)."""
+        zeros where the model asks for them (SDXL's force_zeros_for_empty_prompt).
+        `adapters`: each prompt's (LORA, LORA_SCALE) of lora_choices; prompts that share
+        one are encoded together, with the encoders' weights switched to it."""
+        groups: dict[tuple[str, float], list[int]] = defaultdict(list)
+        for i, adapter in enumerate(adapters or [("", 1.0)] * len(prompts)):
+            groups[adapter].append(i)
+        results: list[Any] = [None] * len(prompts)
+        for (name, scale), indices in groups.items():
+            for switch in self.switches:
+                switch.select(name, scale)
+            for i, encoded in zip(indices, self._encode([prompts[i] for i in indices], [negatives[i] for i in indices])):
+                results[i] = encoded
+        return results
+
+    def _encode(self, prompts: Sequence[str], negatives: Sequence[str | None]) -> list[EncodedPrompt]:
         import torch
 
         zero = self.family.zero_negative
-        texts = list(prompts) + [n or "" for n in negatives if not (zero and n is None)]
-        embeds, pooled = self.encoder(texts)
-        results, row = [], len(prompts)
+        # prompts and negatives in two calls, as diffusers' encode_prompt makes them: a batch
+        # of both would round the negatives unlike diffusers does (CPU kernels vary with the batch)
+        embeds, pooled = self.encoder(list(prompts))
+        encoded = [n or "" for n in negatives if not (zero and n is None)]
+        neg_all, neg_pooled_all = self.encoder(encoded) if encoded else (None, None)
+        results, row = [], 0
         for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
             if zero and negative is None:
                 neg_embeds, neg_pooled = torch.zeros_like(embeds[i]), torch.zeros_like(pooled[i])
             else:
-                neg_embeds, neg_pooled, row = embeds[row], pooled[row], row + 1
+                neg_embeds, neg_pooled, row = neg_all[row], neg_pooled_all[row], row + 1
             dropped = self.encoder.dropped_tokens(prompt)
             if dropped:
                 log.warning("prompt truncated to %d tokens: %d dropped", self.encoder.max_tokens, dropped)
@@ -118,6 +144,7 @@ class UNetStage:
         self.family = family
         self.graphs = None  # sd_backend.fast.graphs.LoopGraphs on the `triton` and `deepspeed` levels
         self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched UNet (its dispatch decisions)
+        self.adapters = None  # sd_backend.lora_choices.AdapterSwitch with lora_choices
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None, capture: bool = True) -> "UNetStage":
@@ -127,6 +154,8 @@ class UNetStage:
         family = loading.family(source)
         fuse_loras(unet, "unet", parse_loras(config.lora), family.is_sdxl)  # before the fast path patches it
         stage = cls(config, unet, loading.load_scheduler_config(source), family.vae_scale, device, dtype, family)
+        if config.lora_choices:  # before the fast path too: it patches the plain model the switch leaves
+            stage.adapters = AdapterSwitch(unet, "unet", parse_lora_choices(config.lora_choices), family.is_sdxl)
         check_branch(unet, config.cache_branch)  # a deployment setting: wrong for this UNet fails the load
         if config.opt_level != "eager":
             from .fast.levels import optimize_unet_stage
@@ -165,6 +194,7 @@ class UNetStage:
 
         params = [job.params for job in jobs]
         first = params[0]
+        self._select_adapter(first)
         scheduler = make_scheduler(first.scheduler, self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=self.device)
         timesteps, inpaint = None, None  # all of the scheduler's; no mask
@@ -191,6 +221,14 @@ class UNetStage:
             timesteps=timesteps, guidance_cutoff=first.guidance_cutoff, cache_interval=first.cache_interval,
             cache_branch=self.config.cache_branch, inpaint=inpaint,
         )
+
+    def _select_adapter(self, params: GenerationParams) -> None:
+        """Switch the UNet's weights to the group's lora_choices adapter (in place: the captured
+        loops read them where they are), and the fast path's copies derived from them."""
+        if self.adapters is not None and self.adapters.select(params.lora, params.lora_scale) and self.fast_path is not None:
+            from .fast.modules.attention import refresh_fused_projections
+
+            refresh_fused_projections(self.unet)
 
     def _noised_images(self, jobs: Sequence[DenoiseJob], scheduler):
         """(latents, generators, the loop's timesteps) of image-to-image, as diffusers'
@@ -255,7 +293,7 @@ class UNetStage:
         # (contiguous first: a size-1 batch dimension's stride can make a view pass for channels-last)
         moments = [m[None].to(self.device, self.dtype).contiguous().contiguous(memory_format=torch.channels_last) for m in moments]
         init = torch.cat([DiagonalGaussianDistribution(m).sample(g) for m, g in zip(moments, generators)])
-        statistics = _latent_statistics(self.family, init)
+        statistics = latent_statistics(self.family, init)
         if statistics is not None:  # as SDXL's image-to-image pipeline normalizes them
             mean, std = statistics
             return (init - mean) * self.family.latent_scaling / std
@@ -280,154 +318,3 @@ class UNetStage:
         p = jobs[0].params
         time_ids = torch.tensor([[p.height, p.width, 0, 0, p.height, p.width]], device=self.device, dtype=self.dtype)
         return embeds, {"text_embeds": rows("pooled", "negative_pooled"), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
-
-
-def _latent_statistics(family: ModelFamily | None, like):
-    """The family's per-channel latents_mean and latents_std as (1, C, 1, 1) tensors on
-    `like`'s device and dtype, or None where it has none (all but some SDXL VAEs)."""
-    import torch
-
-    if family is None or family.latents_mean is None:
-        return None
-    return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (family.latents_mean, family.latents_std))
-
-
-def _upcast_sdxl_vae(vae, dtype, family: ModelFamily):
-    """(vae, dtype) as diffusers' SDXL pipelines run the VAE: float32 where its config says
-    force_upcast and the deployment's dtype is float16 (SDXL's VAE overflows in float16)."""
-    import torch
-
-    if family.is_sdxl and dtype == torch.float16 and vae.config.force_upcast:
-        return vae.to(torch.float32), torch.float32
-    return vae, dtype
-
-
-class VAEEncoderStage:
-    """INIT_IMAGE to the VAE's latent distribution: image-to-image's first step beside the
-    text encoder. Prepared as diffusers' VaeImageProcessor prepares an RGB image (float32
-    /255, then 2x - 1) and encoded one image at a time, as the image-to-image pipeline
-    encodes each image of a batch (`image[i : i + 1]`), so a request's moments do not depend
-    on its batch. The seed's sample of the distribution is the UNet stage's, which owns the
-    request's generator."""
-
-    def __init__(self, config: DeploymentConfig, vae, device, dtype, family: ModelFamily):
-        self.config = config
-        self.vae = vae
-        self.device = device
-        self.dtype = dtype
-        self.family = family
-
-    @classmethod
-    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEEncoderStage":
-        source, device, dtype = loading.placement(config, instance_device)
-        family = loading.family(source)
-        vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
-        return cls(config, vae, device, dtype, family)
-
-    def check(self, image, mask=None, **raw) -> GenerationParams:
-        """The request's parameters with INIT_IMAGE's size as the result's, MASK_IMAGE's
-        checked against it (raises ValueError)."""
-        mask_size = None if mask is None else tuple(mask.shape[:2])
-        return check_params(self.config, self.family, image_size=tuple(image.shape[:2]), mask_size=mask_size, inpaint=mask is not None, **raw)
-
-    def __call__(self, images: Sequence[Any]) -> list[Any]:
-        """One (2 x latent channels, h/8, w/8) float32 tensor of moments (mean, log-variance) per uint8 image."""
-        return [self.encode(image)[0] for image in images]
-
-    def encode(self, image, mask=None) -> tuple[Any, Any, Any]:
-        """(INIT_IMAGE's moments, the masked image's moments, the (1, h/8, w/8) latent mask) of
-        one request, the last two None without a mask (sd_backend.inpaint)."""
-        import numpy as np
-        import torch
-
-        from . import inpaint
-
-        with torch.inference_mode():
-            # laid out as diffusers' numpy_to_pt lays it ((1, h, w, 3) memory seen as NCHW): the
-            # convolutions pick their kernel by the layout, and another one rounds differently
-            pixels = torch.from_numpy((image.astype(np.float32) / 255.0)[None].transpose(0, 3, 1, 2))
-            pixels = 2.0 * pixels - 1.0
-            moments = self._moments(pixels)
-            if mask is None:
-                return moments, None, None
-            condition = inpaint.mask_condition(mask)
-            return moments, self._moments(inpaint.masked_pixels(pixels, condition)), inpaint.latent_mask(condition, self.family.vae_scale)[0]
-
-    def _moments(self, pixels):
-        return self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters[0].float()
-
-
-class VAEStage:
-    """Decode latents to uint8 RGB images.
-
-    SDXL as diffusers' SDXL pipeline decodes it: in float32 when the VAE's config says
-    force_upcast (SDXL's VAE overflows in float16), and denormalized with the VAE's
-    latents_mean/latents_std where its config has them."""
-
-    def __init__(self, vae, device, dtype, family: ModelFamily | None = None):
-        self.vae = vae
-        self.device = device
-        self.dtype = dtype
-        self.family = family
-        self.fast_path = None  # sd_backend.fast.runtime.FastPath of the patched VAE
-
-    @classmethod
-    def from_config(cls, config: DeploymentConfig, instance_device: str | None = None) -> "VAEStage":
-        source, device, dtype = loading.placement(config, instance_device)
-        family = loading.family(source)
-        vae, dtype = _upcast_sdxl_vae(loading.load_vae(source, device, dtype), dtype, family)
-        stage = cls(vae, device, dtype, family)
-        if str(device).startswith("cuda"):
-            if config.opt_level != "eager":
-                from .fast.levels import optimize_vae_stage
-
-                optimize_vae_stage(stage, config)
-            stage.warm_up(config)
-        return stage
-
-    def warm_up(self, config: DeploymentConfig) -> list[int]:
-        """Decode the default size at every batch size up to the largest bucket, largest first.
-
-        The dynamic batcher hands the VAE any batch size up to max_batch_size. Decoding each
-        once at load lets cuDNN pick its algorithms and the allocator reach its plateau
-        before the server reports ready, instead of under load: without it, a mixed
-        sequence of batch sizes grew torch's reserved memory from 170 to 7984 MiB on an
-        H200 (benchmarks/vae_memory.py), and with it by 0. Returns the sizes decoded.
-        """
-        import torch
-
-        cfg = self.vae.config
-        scale = 2 ** (len(cfg.block_out_channels) - 1)
-        height, width = config.default_height or cfg.sample_size, config.default_width or cfg.sample_size
-        latent = torch.zeros(1, cfg.latent_channels, height // scale, width // scale)
-        sizes = list(range(max(config.batch_buckets), 0, -1))
-        for n in sizes:
-            self([latent] * n)
-        return sizes
-
-    def __call__(self, latents: Sequence[Any]) -> list[Any]:
-        """One (height, width, 3) uint8 numpy image per (1, 4, h, w) latent, in order."""
-        import torch
-
-        results: list[Any] = [None] * len(latents)
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, lat in enumerate(latents):
-            by_shape[tuple(lat.shape)].append(i)
-        for indices in by_shape.values():
-            batch = torch.cat([latents[i].to(self.device, self.dtype) for i in indices])
-            with torch.inference_mode():
-                images = self.vae.decode(self._denormalize(batch), return_dict=False)[0]
-            # diffusers' postprocess: denormalize and clamp, float32 NHWC, then round to uint8
-            images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-            images = (images * 255).round().astype("uint8")
-            for i, image in zip(indices, images):
-                results[i] = image
-        return results
-
-    def _denormalize(self, latents):
-        scaling = self.vae.config.scaling_factor
-        statistics = _latent_statistics(self.family, latents)
-        if statistics is not None:  # as SDXL's pipeline denormalizes them
-            mean, std = statistics
-            return latents * std / scaling + mean
-        return latents / scaling

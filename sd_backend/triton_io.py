@@ -125,15 +125,17 @@ CONDITIONING = ("PROMPT_EMBEDS", "NEGATIVE_EMBEDS", "POOLED_EMBEDS", "NEGATIVE_P
 # the ensemble's numeric generation inputs and the keyword each has in check_params
 GENERATION_NUMBERS = {
     "SEED": "seed", "STEPS": "steps", "GUIDANCE_SCALE": "guidance", "HEIGHT": "height", "WIDTH": "width", "STRENGTH": "strength",
-    "GUIDANCE_CUTOFF": "guidance_cutoff", "CACHE_INTERVAL": "cache_interval",
+    "GUIDANCE_CUTOFF": "guidance_cutoff", "CACHE_INTERVAL": "cache_interval", "LORA_SCALE": "lora_scale",
 }
+# and its text ones
+GENERATION_TEXTS = {"SCHEDULER": "scheduler", "LORA": "lora"}
 
 
 def read_generation_inputs(pb, request) -> dict[str, Any]:
-    """SEED, STEPS, GUIDANCE_SCALE, GUIDANCE_CUTOFF, CACHE_INTERVAL, HEIGHT, WIDTH, STRENGTH and SCHEDULER as
-    check_params keywords (None where absent, so the deployment default applies)."""
+    """GENERATION_NUMBERS' and GENERATION_TEXTS' inputs as check_params keywords (None where
+    absent, so the deployment default applies)."""
     raw = {arg: read_scalar(pb, request, name) for name, arg in GENERATION_NUMBERS.items()}
-    raw["scheduler"] = read_text(pb, request, "SCHEDULER")
+    raw |= {arg: read_text(pb, request, name) for name, arg in GENERATION_TEXTS.items()}
     return raw
 
 

@@ -30,7 +30,9 @@ def lora_server(cache_dir, tmp_path_factory, adapters):
     from tests.servers import client, running_server
 
     lora = f"{adapters[0]}:0.7,{adapters[1]}"  # the second at scale 1
-    with running_server(cache_dir, tmp_path_factory.mktemp("lora-server"), env={"SD_LORA": lora}) as server:
+    choices = f"fox={adapters[0]},{adapters[1]}:0.5"  # per request, over the fused ones
+    env = {"SD_LORA": lora, "SD_LORA_CHOICES": choices}
+    with running_server(cache_dir, tmp_path_factory.mktemp("lora-server"), env=env) as server:
         c = client(server.grpc_url)
         yield c
         c.close()
@@ -114,3 +116,146 @@ def test_scales_are_read_after_the_last_colon(tmp_path):
     path = tmp_path / "a:b.safetensors"  # a ':' in the file name is part of the name
     path.write_bytes(b"")
     assert parse_loras([f"{path}", f"{path}:0.25"]) == (LoraSpec(str(path), 1.0), LoraSpec(str(path), 0.25))
+
+
+# ---- adapters chosen per request (lora_choices, LORA / LORA_SCALE) ----
+
+
+def choice_reference(tiny_dir, path, prompt, *, seed, scale, fused=(), output_type="latent"):
+    """diffusers' latents (or uint8 image) with `path` loaded and fused at `scale`, after the
+    `fused` (file, scale) pairs were loaded, weighted, fused and unloaded, as a deployment's `lora` is."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if fused:
+        names = [f"fused{i}" for i in range(len(fused))]
+        for name, (file, _) in zip(names, fused):
+            pipe.load_lora_weights(str(file), adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=[w for _, w in fused])
+        pipe.fuse_lora(lora_scale=1.0, adapter_names=names)
+        pipe.unload_lora_weights()
+    if path is not None:
+        pipe.load_lora_weights(str(path), adapter_name="x")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["x"])
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(prompt, num_inference_steps=STEPS, height=64, width=64, generator=generator, output_type=output_type).images
+    return out if output_type == "latent" else (out[0] * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def choosing_engine(tiny_dir, adapters):
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.engine import Engine
+
+    choices = (f"fox={adapters[0]}", f"{adapters[1]}:0.5")  # the second named by its stem, default scale 0.5
+    return Engine(DeploymentConfig(model=str(tiny_dir), lora_choices=choices, default_steps=STEPS))
+
+
+def test_a_chosen_adapter_equals_diffusers_fused_at_that_scale_and_switches_back_exactly(choosing_engine, tiny_dir, adapters):
+    import torch
+
+    plain = choice_reference(tiny_dir, None, "a boat", seed=2, scale=1.0)
+    fox = choice_reference(tiny_dir, adapters[0], "a boat", seed=2, scale=0.6)
+    kohya = choice_reference(tiny_dir, adapters[1], "a boat", seed=2, scale=0.5)
+    # each switch from every other state: the weights at load come back to the bit
+    for lora, scale, expected in [("fox", 0.6, fox), ("", None, plain), ("fox-kohya", None, kohya), ("fox", 0.6, fox), ("", None, plain)]:
+        ours = choosing_engine.latents(["a boat"], seed=2, lora=lora, lora_scale=scale)[0]
+        assert torch.equal(ours, expected), (lora, scale)
+    assert not torch.equal(fox, plain) and not torch.equal(kohya, plain)
+
+
+def test_a_batch_of_different_adapters_gives_each_its_own_latents(choosing_engine):
+    """Grouped by adapter in both the text encoder and the UNet; each group equals that group
+    run on its own (the same batch size, so the same rounding), whatever ran before it."""
+    import torch
+
+    from sd_backend.stages import DenoiseJob
+
+    engine, asks = choosing_engine, [("fox", 0.6), ("", 1.0), ("fox", 1.0), ("fox-kohya", 0.5), ("fox", 0.6)]
+    checked = [engine.unet.check(seed=i, lora=lora, lora_scale=scale) for i, (lora, scale) in enumerate(asks)]
+    prompts = [f"a boat {i}" for i in range(len(asks))]
+    encoded = engine.text_encoder(prompts, [None] * len(asks), [(p.lora, p.lora_scale) for p in checked])
+    together = engine.unet([DenoiseJob(p, e.prompt_embeds, e.negative_embeds) for p, e in zip(checked, encoded)])
+    for ask in dict.fromkeys(asks):
+        indices = [i for i, a in enumerate(asks) if a == ask]
+        alone = engine.latents([prompts[i] for i in indices], seed=indices, lora=ask[0], lora_scale=ask[1])
+        for i, latents in zip(indices, alone):
+            assert torch.equal(together[i], latents), ask
+
+
+def test_per_request_adapters_over_fused_ones_equal_diffusers(tiny_dir, adapters):
+    import torch
+
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.engine import Engine
+
+    engine = Engine(DeploymentConfig(model=str(tiny_dir), lora=(f"{adapters[0]}:0.7",), lora_choices=(f"k={adapters[1]}",), default_steps=STEPS))
+    ours = engine.latents(["a boat"], seed=4, lora="k", lora_scale=0.8)[0]
+    assert torch.equal(ours, choice_reference(tiny_dir, adapters[1], "a boat", seed=4, scale=0.8, fused=[(adapters[0], 0.7)]))
+    base = engine.latents(["a boat"], seed=4)[0]
+    assert torch.equal(base, choice_reference(tiny_dir, None, "a boat", seed=4, scale=1.0, fused=[(adapters[0], 0.7)]))
+
+
+def test_bad_adapter_requests_name_the_field(tiny_dir, adapters):
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.family import read_family
+    from sd_backend.params import check_params
+
+    config, family = DeploymentConfig(model=str(tiny_dir), lora_choices=(f"fox={adapters[0]}",)), read_family(tiny_dir)
+    with pytest.raises(ValueError, match=r"LORA: 'wolf' is not one of this deployment's adapters; known: fox"):
+        check_params(config, family, lora="wolf")
+    for scale in (float("nan"), 4.5, -5):
+        with pytest.raises(ValueError, match=r"LORA_SCALE: .* is out of range"):
+            check_params(config, family, lora="fox", lora_scale=scale)
+    with pytest.raises(ValueError, match=r"LORA: 'fox' is not one of .*known: none"):
+        check_params(DeploymentConfig(model=str(tiny_dir)), family, lora="fox")
+    plain = check_params(config, family, lora="", lora_scale=3.0)  # no adapter: the scale weighs nothing
+    assert (plain.lora, plain.lora_scale) == ("", 1.0) and plain.group_key() == check_params(config, family).group_key()
+    assert check_params(config, family, lora=b"fox").record("tiny")["lora"] == "fox"
+
+
+def test_bad_lora_choices_fail_the_deployment_naming_the_entry(tmp_path, adapters):
+    from sd_backend.config import DeploymentConfig
+
+    with pytest.raises(ValueError, match=r"lora_choices: 'a b=.*' is not a name"):
+        DeploymentConfig(lora_choices=(f"a b={adapters[0]}",))
+    with pytest.raises(ValueError, match=r"the name 'x' is given twice"):
+        DeploymentConfig(lora_choices=(f"x={adapters[0]}", f"x={adapters[1]}"))
+    with pytest.raises(ValueError, match=r"no such file"):
+        DeploymentConfig(lora_choices=(f"x={tmp_path}/none.safetensors",))
+    with pytest.raises(ValueError, match=r"lora_choices: not served on the deepspeed level"):
+        DeploymentConfig(lora_choices=(f"x={adapters[0]}",), opt_level="deepspeed", dtype="float16")
+
+
+def test_served_adapters_chosen_per_request_equal_diffusers_and_mix_in_one_batch(lora_server, tiny_dir, adapters):
+    """Concurrent requests with different adapters (and none) are batched together; each gets
+    diffusers' image with its adapter fused at its scale over the deployment's fused ones; a
+    bad one in the same burst gets INVALID_ARG listing the adapters, and nothing else fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tritonclient.utils import InferenceServerException
+
+    fused = [(adapters[0], 0.7), (adapters[1], 1.0)]
+    asks = [("fox", 0.6), (None, None), ("fox-kohya", None), ("wolf", None), ("fox", 0.6)]
+
+    def one(ask):
+        try:
+            return lora_server.generate("a red fox", seed=5, steps=STEPS, scheduler="pndm", lora=ask[0], lora_scale=ask[1])
+        except InferenceServerException as err:
+            return err
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        results = list(pool.map(one, asks))
+    bad = results.pop(3)
+    assert isinstance(bad, InferenceServerException) and "LORA: 'wolf' is not one of this deployment's adapters; known: fox, fox-kohya" in str(bad)
+    files = {"fox": adapters[0], "fox-kohya": adapters[1]}
+    for (lora, scale), result in zip([a for i, a in enumerate(asks) if i != 3], results):
+        scale = 0.5 if lora == "fox-kohya" else scale  # its default from lora_choices
+        expected = choice_reference(tiny_dir, files.get(lora), "a red fox", seed=5, scale=scale, fused=fused, output_type="np")
+        assert_same_image(result.image, expected, max_diff=1)  # ±1 level: the batch changes the VAE's rounding
+        assert result.parameters.get("lora") == lora and (lora is None or result.parameters["lora_scale"] == scale)
+    alone = lora_server.generate("a red fox", seed=5, steps=STEPS, scheduler="pndm", lora="fox", lora_scale=0.6)
+    expected = choice_reference(tiny_dir, adapters[0], "a red fox", seed=5, scale=0.6, fused=fused, output_type="np")
+    assert_same_image(alone.image, expected, max_diff=0)

@@ -33,7 +33,9 @@ from sd_backend.streaming import Cancelled
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _POLL_S = 0.02  # how often a stream waiting on its loop checks for its client's cancel
-_GENERATION = ("SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH")
+_GENERATION = (
+    "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH", "LORA", "LORA_SCALE",
+)
 # what each model this one calls reads of the request (their config.pbtxt)
 _TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT", *_GENERATION)
 _ENCODER_INPUTS = ("INIT_IMAGE", "MASK_IMAGE", *_GENERATION)

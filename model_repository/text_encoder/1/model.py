@@ -22,12 +22,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def parse(request):
-            prompts = io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)
-            self.stage.check(**io.read_generation_inputs(pb_utils, request))  # the whole request, before any work
-            return prompts
+            prompt, negative = io.read_prompts(pb_utils, request, self.stage.config.max_prompt_bytes)
+            params = self.stage.check(**io.read_generation_inputs(pb_utils, request))  # the whole request, before any work
+            return prompt, negative, (params.lora, params.lora_scale)
 
         def run(items):
-            return self.stage([p for p, _ in items], [n for _, n in items])
+            return self.stage([p for p, _, _ in items], [n for _, n, _ in items], [a for _, _, a in items])
 
         def reply(_, encoded):
             return pb_utils.InferenceResponse(

@@ -56,7 +56,7 @@ class TritonAttnProcessor:
     def _fused(self, attn, names, hidden_states):
         """(weight, bias) of the named projections concatenated, built once per module, or None
         (off the kernel device, under autograd, or with fuse_projections off). The cached copy
-        assumes inference weights that do not change after the first call."""
+        is rewritten in place by refresh_fused_projections when the weights change (a LoRA switch)."""
         if not (self.fast.options.fuse_projections and self.fast.on_kernel_device(hidden_states) and no_autograd(hidden_states)):
             return None
         cache = attn.__dict__.setdefault("_sd_fused_projections", {})
@@ -173,3 +173,21 @@ def sdpa_cudnn_first(query, key, value):
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(query, key, value)
+
+
+def refresh_fused_projections(model) -> None:
+    """Rewrite, in place, every fused projection copy `TritonAttnProcessor._fused` built in
+    `model`, from its projections' current weights (after a LoRA switch rewrote them): the
+    copies keep their storage, which the captured graphs read."""
+    import torch
+
+    with torch.no_grad():
+        for attn in model.modules():
+            for names, fused in attn.__dict__.get("_sd_fused_projections", {}).items():
+                if fused is None:
+                    continue
+                weight, bias = fused
+                layers = [getattr(attn, name) for name in names]
+                weight.copy_(torch.cat([layer.weight for layer in layers]))
+                if bias is not None:
+                    bias.copy_(torch.cat([layer.bias for layer in layers]))
