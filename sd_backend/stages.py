@@ -211,8 +211,9 @@ class UNetStage:
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
         callback = group_reporter([job.progress for job in jobs])
-        # no captured loops for image-to-image and inpainting yet: their loops start part way
-        graphed = self.graphs is not None and timesteps is None and inpaint is None
+        # image-to-image replays a loop captured for its start step; inpainting runs the eager
+        # loop (its mask and masked latents are no static inputs of the captured loops yet)
+        graphed = self.graphs is not None and inpaint is None
         captured = self.graphs.find(first, len(jobs), reports=callback is not None) if graphed else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added, callback=callback)

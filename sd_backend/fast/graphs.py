@@ -1,6 +1,8 @@
-"""The whole denoising loop captured per (bucket, steps, size, scheduler, guidance): one
-CUDA graph per step, replayed back to back (or one graph for the whole loop, with the
-fast path's step_graphs off).
+"""The whole denoising loop captured per bucket and group key (steps, size, scheduler,
+guidance, image-to-image's start step, ...): one CUDA graph per step, replayed back to back
+(or one graph for the whole loop, with the fast path's step_graphs off). Image-to-image's
+loop is the scheduler's timesteps from its start step on, the noised image its initial
+latents.
 
 The scheduler runs on CPU timesteps, so its per-step coefficients are CPU scalars that the
 capture bakes into the kernels' arguments (they are fixed for a graph key: that is the
@@ -96,12 +98,16 @@ class CapturedLoop:
                 "time_ids": torch.full((rows, 6), float(params.height), device=device, dtype=dtype),
             }
         self.guidance = torch.full((bucket, 1, 1, 1), 7.5, device=device) if self.cfg else None
-        self.noise = torch.randn((params.steps,) + latent_shape, device=device, dtype=dtype)
+        # image-to-image starts part way: the scheduler's timesteps from its begin index on
+        self.image_to_image = params.strength is not None
+        self.loop_steps = params.steps - params.start_step
+        self.noise = torch.randn((self.loop_steps,) + latent_shape, device=device, dtype=dtype)
         if self.scheduler_name not in _NOISY:
-            self.noise = self.noise[:1].expand((params.steps,) + latent_shape)  # drawn but unused
+            self.noise = self.noise[:1].expand((self.loop_steps,) + latent_shape)  # drawn but unused
         probe = make_scheduler(self.scheduler_name, stage.scheduler_config)
         probe.set_timesteps(self.steps, device="cpu")
-        self.unet_timesteps = probe.timesteps.to(device)  # (steps,) on the GPU for the UNet
+        self.begin = params.start_step * probe.order
+        self.unet_timesteps = probe.timesteps[self.begin :].to(device)  # (loop steps,) on the GPU for the UNet
 
         # warm up (autotuning, cuDNN algorithm search, lazy inits) on a side stream, then capture
         side = torch.cuda.Stream(device)
@@ -152,11 +158,16 @@ class CapturedLoop:
 
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
         scheduler.set_timesteps(self.steps, device="cpu")  # CPU: coefficients become constants
+        timesteps = None
+        if self.image_to_image:  # as UNetStage._start_part_way sets the eager loop's
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(self.begin)
+            timesteps = scheduler.timesteps[self.begin :]
         constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds, self.added) if self.hoist else None
         with _noise_from(scheduler, list(self.noise.unbind(0))):
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
-                step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff,
+                step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff, timesteps=timesteps,
                 cache_interval=self.cache_interval, cache_branch=self.stage.config.cache_branch, callback=callback,
             )
 
@@ -211,7 +222,7 @@ class CapturedLoop:
         shape = (1,) + tuple(self.latents.shape[1:])
         per_step = [
             torch.cat([torch.randn(shape, generator=g, dtype=self.latents.dtype) for g in generators[:n]])
-            for _ in range(self.steps)
+            for _ in range(self.loop_steps)
         ]
         return torch.stack(per_step).to(self.latents.device, non_blocking=True)
 

@@ -35,7 +35,13 @@ def stage(request, cache_dir):
         stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=name), (1, 4))
     for scheduler, skipping in SKIPPING:
         stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=scheduler, **skipping), (1, 4))
+    for scheduler, strength in IMAGE_TO_IMAGE:
+        stage.graphs.capture(stage.check(seed=0, steps=STEPS, scheduler=scheduler, strength=strength), (1, 4))
     return stage
+
+
+# image-to-image captured per start step: (scheduler, strength)
+IMAGE_TO_IMAGE = [("pndm", 0.6), ("euler_a", 0.5), ("dpmpp_2m", 0.8)]
 
 
 # computation skipping (opt-in) captured like any other key: DeepCache alone and with a guidance cutoff
@@ -83,6 +89,24 @@ def test_graph_loop_with_computation_skipping_matches_eager_loop(stage, schedule
     assert torch.isfinite(graphed).all()
     assert rel_l2(graphed, eager) < 2e-2, rel_l2(graphed, eager)
     assert rel_l2(eager, exact) > 1e-3  # the skipping really changed the loop
+
+
+@pytest.mark.parametrize("scheduler, strength", IMAGE_TO_IMAGE)
+def test_image_to_image_replays_a_loop_captured_for_its_start_step(stage, scheduler, strength):
+    jobs = _jobs(stage, scheduler, [21, 22], strength=strength)  # 2 in the bucket of 4
+    side = stage.family.native_size // stage.vae_scale
+    for job in jobs:  # an image's latent distribution: means, then log-variances
+        gen = torch.Generator().manual_seed(job.params.seed + 100)
+        channels = stage.family.latent_channels
+        job.init_moments = torch.cat([torch.randn(channels, side, side, generator=gen), torch.full((channels, side, side), -6.0)])
+    captured = stage.graphs.find(jobs[0].params, 2)
+    assert captured is not None and len(captured.unet_timesteps) < STEPS + 1
+    graphed = torch.cat(stage(jobs))
+    eager = _eager(stage, jobs)
+    assert torch.isfinite(graphed).all()
+    assert rel_l2(graphed, eager) < 2e-2, rel_l2(graphed, eager)
+    text_to_image = torch.cat(stage(_jobs(stage, scheduler, [21, 22])))
+    assert rel_l2(graphed, text_to_image) > 0.1  # the image really was the start
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_a"])
