@@ -181,7 +181,7 @@ def refresh_fused_projections(model) -> None:
     copies keep their storage, which the captured graphs read."""
     import torch
 
-    with torch.no_grad():
+    with torch.inference_mode():  # the copies were made under it (inference tensors)
         for attn in model.modules():
             for names, fused in attn.__dict__.get("_sd_fused_projections", {}).items():
                 if fused is None:
