@@ -48,13 +48,18 @@ class GenerationParams:
         """Classifier-free guidance runs only above 1, as in diffusers' pipeline."""
         return self.guidance > 1.0
 
-    def group_key(self) -> tuple:
-        """Requests with the same key run as one batch through the denoising loop."""
+    def loop_key(self) -> tuple:
+        """Requests with the same key run the same denoising loop (one captured loop per key and batch bucket)."""
         cutoff = self.guidance_cutoff if self.uses_guidance else 1.0
         return (
             self.steps, self.height, self.width, self.scheduler, self.uses_guidance, self.strength is not None, self.start_step,
-            cutoff, self.cache_interval, self.inpaint, self.lora, self.lora_scale,
+            cutoff, self.cache_interval, self.inpaint,
         )
+
+    def group_key(self) -> tuple:
+        """Requests with the same key run as one batch: the same loop with the same adapter
+        (a lora_choices switch rewrites the weights every loop reads)."""
+        return self.loop_key() + (self.lora, self.lora_scale)
 
     def record(self, model: str) -> dict[str, Any]:
         """Everything the image was made with, defaults included, under the client's names

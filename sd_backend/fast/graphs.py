@@ -253,7 +253,7 @@ class LoopGraphs:
         """Capture the loop of `params`' key for each bucket; returns seconds spent."""
         start = time.perf_counter()
         for bucket in sorted(buckets):
-            key = (bucket,) + params.group_key()
+            key = (bucket,) + params.loop_key()
             if key not in self.loops:
                 self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist, self.step_graphs)
         return time.perf_counter() - start
@@ -274,6 +274,6 @@ class LoopGraphs:
             return None
         best = None
         for (bucket, *key), loop in self.loops.items():
-            if tuple(key) == params.group_key() and bucket >= n and (best is None or bucket < best.bucket):
+            if tuple(key) == params.loop_key() and bucket >= n and (best is None or bucket < best.bucket):
                 best = loop
         return best
