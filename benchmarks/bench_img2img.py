@@ -9,9 +9,6 @@ as the served path adds it (the vae_encoder model runs before the UNet).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,28 +16,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e_systems import sync_time  # noqa: E402
-from record import result_path  # noqa: E402
+from stage_bench import median_seconds, offline_model, stage_parser, write_record  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="sd15-random")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sd-triton"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--strength", type=float, default=0.6)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     from sd_backend.config import DeploymentConfig
-    from sd_backend.offline import write_offline_model
     from sd_backend.stages import DenoiseJob, UNetStage, VAEEncoderStage
 
-    model_dir = write_offline_model(args.model, Path(args.cache_dir) / args.model)
+    model_dir = offline_model(args)
     batches = [int(b) for b in args.batches.split(",")]
     config = DeploymentConfig(model=str(model_dir), opt_level="triton", dtype="float16", default_steps=args.steps, batch_buckets=tuple(batches))
     stage = UNetStage.from_config(config)  # text-to-image's default loops captured
@@ -61,14 +49,7 @@ def main() -> int:
         return made
 
     def timed(fn, make):
-        fn(make())
-        times = []
-        for _ in range(args.repeats):
-            batch = make()
-            start = sync_time()
-            fn(batch)
-            times.append(sync_time() - start)
-        return statistics.median(times)
+        return median_seconds(fn, lambda _: make(), args.repeats)
 
     def eager(batch):
         graphs, stage.graphs = stage.graphs, None
@@ -89,12 +70,7 @@ def main() -> int:
         print(f"batch {n}: text-to-image {text:.4f} s; image-to-image {args.strength} captured {graphed:.4f} s "
               f"({graphed / text:.2f}x) + encoder {n * encode_s:.4f} s = {graphed + n * encode_s:.4f} s "
               f"(target {args.strength} x text + encoder = {target:.4f} s); eager loop {slow:.4f} s", flush=True)
-    device = torch.cuda.get_device_name()
-    record = {"device": device, "model": args.model, "steps": args.steps, "strength": args.strength, "rows": rows,
-              "encoder_s_per_image": encode_s, "capture_s": capture_s, "command": " ".join(sys.argv)}
-    path = result_path(args.out, device, "img2img", ".json")
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_record(args, "img2img", {"strength": args.strength, "rows": rows, "encoder_s_per_image": encode_s, "capture_s": capture_s})
     return 0
 
 

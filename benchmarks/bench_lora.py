@@ -13,8 +13,6 @@ their values, a switch's on their number of layers and rank.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,28 +20,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e_systems import sync_time  # noqa: E402
-from record import result_path  # noqa: E402
+from stage_bench import median_seconds, offline_model, stage_parser, sync_time, write_record  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="sd15-random")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sd-triton"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     from sd_backend.config import DeploymentConfig
-    from sd_backend.offline import write_offline_lora, write_offline_model
+    from sd_backend.offline import write_offline_lora
     from sd_backend.stages import DenoiseJob, UNetStage
 
-    model_dir = write_offline_model(args.model, Path(args.cache_dir) / args.model)
+    model_dir = offline_model(args)
     files = [write_offline_lora(model_dir, Path(args.cache_dir) / f"bench-lora-{i}.safetensors", seed=i, rank=args.rank) for i in (1, 2)]
     batches = [int(b) for b in args.batches.split(",")]
     config = DeploymentConfig(
@@ -58,15 +48,8 @@ def main() -> int:
     def jobs(n, lora):
         return [DenoiseJob(stage.check(seed=i, lora=lora), torch.randn(77, hidden).cuda().half(), torch.randn(77, hidden).cuda().half()) for i in range(n)]
 
-    def timed(n, loras):
-        stage(jobs(n, loras[0]))  # warm (and the first switch)
-        times = []
-        for r in range(args.repeats):
-            batch = jobs(n, loras[r % len(loras)])
-            start = sync_time()
-            stage(batch)
-            times.append(sync_time() - start)
-        return statistics.median(times)
+    def timed(n, loras):  # the r-th timed batch asks for loras[r % len]: a switch before each when they differ
+        return median_seconds(stage, lambda r: jobs(n, loras[r % len(loras)]), args.repeats)
 
     rows = []
     for n in batches:
@@ -83,12 +66,8 @@ def main() -> int:
         switches.append(sync_time() - start)
     switch_s = statistics.median(switches)
     print(f"one switch (UNet, {len(stage.adapters._adapted)} layers, rank {args.rank}): {switch_s * 1000:.1f} ms; load {load_s:.1f} s")
-    device = torch.cuda.get_device_name()
-    record = {"device": device, "model": args.model, "steps": args.steps, "rank": args.rank, "rows": rows,
-              "switch_s": switch_s, "adapted_layers": len(stage.adapters._adapted), "load_s": load_s, "command": " ".join(sys.argv)}
-    path = result_path(args.out, device, "lora-choices", ".json")
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_record(args, "lora-choices", {"rank": args.rank, "rows": rows, "switch_s": switch_s,
+                                        "adapted_layers": len(stage.adapters._adapted), "load_s": load_s})
     return 0
 
 
