@@ -212,7 +212,8 @@ class SDClient:
         events: queue.Queue = queue.Queue()
         parameters = {k: v for k, v in parameters.items() if v is not None}
         inputs = self.build_inputs(prompt, preview_every=preview_every or None, **parameters)
-        client = self._module.InferenceServerClient(self.url)  # a stream of its own: one per client object
+        # this thread's client: one stream at a time each, and no new channel per image
+        client = self.client
         start = time.perf_counter()
         client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout_s)
         try:
@@ -250,10 +251,8 @@ class SDClient:
                     break
         except BaseException:
             client.stop_stream(cancel_requests=True)  # the server stops at its next step
-            client.close()
             raise
         client.stop_stream()
-        client.close()
         if final is None:
             raise RuntimeError("stream: the server ended the stream without an image")
         return _result(final, prompt, parameters.get("negative_prompt"), time.perf_counter() - start)

@@ -46,6 +46,8 @@ FIELDS = {
     "width": int,
     "scheduler": str,
     "strength": float,  # image-to-image only
+    "lora": str,  # one of the server's lora_choices adapters, by name
+    "lora_scale": float,
 }
 # a POST's body at most: an image file of up to 6 MB, base64 in the JSON (4 bytes for 3)
 MAX_BODY = 8 * 1024 * 1024

@@ -72,7 +72,17 @@ class FastPathOptions:
     optimize_vae: bool = True
     """The VAE decoder gets the kernels and channels-last too."""
 
+    image_to_image_strengths: tuple[float, ...] = ()
+    """Image-to-image strengths whose loops are captured at load too (the default request's
+    steps, size and scheduler, at every batch bucket): a request whose strength gives the same
+    start step (int(steps x (1 - strength))) replays those graphs; other image-to-image
+    requests run the eager loop. Each adds its capture time to the start-up and its graphs'
+    memory."""
+
     def __post_init__(self) -> None:
+        bad = [s for s in self.image_to_image_strengths if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"fast_path.image_to_image_strengths: {bad} out of range; allowed above 0 up to 1")
         unknown = [op for op in self.kernels if op not in KERNEL_OPS + ("inductor",)]
         if unknown:
             raise ValueError(f"fast_path.kernels: {unknown} not known; allowed: {', '.join(KERNEL_OPS)}, inductor")
@@ -323,7 +333,8 @@ def _parse(field: dataclasses.Field, raw: Any) -> Any:
             if isinstance(raw, str) and raw.strip().lower() == "none":  # an empty list from the environment
                 return ()
             items = raw if isinstance(raw, (list, tuple)) else [x for x in str(raw).replace(" ", "").split(",") if x]
-            return tuple(int(x) for x in items) if "int" in kind else tuple(str(x) for x in items)
+            element = int if "int" in kind else float if "float" in kind else str
+            return tuple(element(x) for x in items)
     except (TypeError, ValueError):
         raise ValueError(f"{field.name}: {raw!r} is not a valid {kind}") from None
     return str(raw)

@@ -211,12 +211,12 @@ class UNetStage:
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
         callback = group_reporter([job.progress for job in jobs])
-        # image-to-image replays a loop captured for its start step; inpainting runs the eager
-        # loop (its mask and masked latents are no static inputs of the captured loops yet)
-        graphed = self.graphs is not None and inpaint is None
+        # image-to-image replays a loop captured for its start step, an inpainting UNet's too; a
+        # plain UNet's inpainting runs the eager loop (its blend adds noise at every step)
+        graphed = self.graphs is not None and (inpaint is None or inpaint.concat)
         captured = self.graphs.find(first, len(jobs), reports=callback is not None) if graphed else None
         if captured is not None:
-            return captured.run(latents, embeds, guidance, generators, added, callback=callback)
+            return captured.run(latents, embeds, guidance, generators, added, callback=callback, inpaint=inpaint)
         return denoise(
             self.unet, scheduler, latents, embeds, guidance, generators, callback=callback, added_cond_kwargs=added,
             timesteps=timesteps, guidance_cutoff=first.guidance_cutoff, cache_interval=first.cache_interval,

@@ -259,3 +259,12 @@ def test_served_adapters_chosen_per_request_equal_diffusers_and_mix_in_one_batch
     alone = lora_server.generate("a red fox", seed=5, steps=STEPS, scheduler="pndm", lora="fox", lora_scale=0.6)
     expected = choice_reference(tiny_dir, adapters[0], "a red fox", seed=5, scale=0.6, fused=fused, output_type="np")
     assert_same_image(alone.image, expected, max_diff=0)
+
+
+def test_a_stream_with_an_adapter_gives_the_ensembles_image(lora_server):
+    """The streaming model passes LORA / LORA_SCALE on to the text encoder and the unet."""
+    steps = []
+    streamed = lora_server.stream("a red fox", on_progress=steps.append, seed=6, steps=STEPS, scheduler="pndm", lora="fox", lora_scale=0.9)
+    generated = lora_server.generate("a red fox", seed=6, steps=STEPS, scheduler="pndm", lora="fox", lora_scale=0.9)
+    assert_same_image(streamed.image, generated.image, max_diff=0)
+    assert streamed.parameters["lora"] == "fox" and streamed.parameters["lora_scale"] == 0.9 and len(steps) == STEPS + 1

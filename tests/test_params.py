@@ -76,6 +76,11 @@ def test_config_from_settings_with_environment_override():
     assert config.batch_buckets == (1, 2, 8)
     assert config.fast_path == FastPathOptions(kernels=("layer_norm", "geglu"), keep_layout=False, split_head_dim=False)
     assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_KERNELS": "none"}).fast_path.kernels == ()
+    strengths = DeploymentConfig.from_settings({"fast_path": {"image_to_image_strengths": [0.6]}}, {}).fast_path.image_to_image_strengths
+    assert strengths == (0.6,)
+    assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_IMAGE_TO_IMAGE_STRENGTHS": "0.3,0.8"}).fast_path.image_to_image_strengths == (0.3, 0.8)
+    with pytest.raises(ValueError, match=r"fast_path.image_to_image_strengths: \[1.5\] out of range"):
+        FastPathOptions(image_to_image_strengths=(1.5,))
 
 
 def test_config_loads_the_repositorys_deployment_file(tmp_path):

@@ -202,6 +202,18 @@ def test_a_server_error_shows_on_the_page_and_the_page_goes_on(page):
     assert "64\u00d764" in gallery(page)[0]["params"]
 
 
+def test_the_adapter_fields_reach_the_server(page):
+    """LoRA and LoRA scale go to the server as LORA / LORA_SCALE: this deployment preloads no
+    adapters, so the server's INVALID_ARG (which lists the known ones) shows on the page
+    (tests/test_lora.py serves adapters chosen per request, the streaming model's included)."""
+    generate(page, prompt="a fox", steps=2, width=64, height=64, lora="wolf", lora_scale=0.5)
+    page.wait_for_selector("#message.error")
+    message = page.inner_text("#message")
+    assert "LORA: 'wolf' is not one of this deployment's adapters; known: none" in message, message
+    wait_until_ready(page)
+    assert page.query_selector("#gallery figure") is None
+
+
 def test_cancel_stops_the_servers_work_and_the_next_request_runs(page):
     generate(page, prompt="a slow one", steps=150, width=256, height=256, scheduler="euler")
     page.wait_for_function("() => /^Step ([5-9]|\\d\\d+) of 150$/.test(document.getElementById('status').textContent)")
@@ -314,6 +326,37 @@ def test_an_uploaded_mask_inpaints_as_the_ensemble(page, client):
     page.click("#clear_image")
 
 
+def test_a_painted_mask_inpaints_as_the_ensemble(page, client):
+    """Strokes painted over the start image are the mask: the page sends them as a
+    black-and-white PNG of the image's size, and the result is stable_diffusion_inpaint's."""
+    from sd_client.ui import decode_image
+    from tests.test_img2img import init_image
+
+    if page.is_enabled("#clear_image"):
+        page.click("#clear_image")
+    assert page.is_hidden("#paint")
+    start = init_image(64, 64, seed=6)
+    upload(page, "start.png", png_bytes(start))
+    page.wait_for_function("() => document.getElementById('mask_canvas').width === 64")
+    box = page.locator("#mask_canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
+    page.mouse.up()
+    mask = decode_image(page.evaluate("paintedMask()"), "mask_image", "L")
+    assert mask.shape == (64, 64) and 200 < (mask >= 128).sum() < 64 * 64 - 200  # a stroke, not all or nothing
+    generate(page, prompt="a paper boat", seed=13, steps=4, scheduler="ddim", strength=0.9)
+    page.wait_for_selector("#gallery figure")
+    wait_until_ready(page)
+    made = gallery(page)[0]
+    expected = client.generate("a paper boat", init_image=start, mask_image=mask, strength=0.9, seed=13, steps=4, guidance_scale=7.5, scheduler="ddim")
+    assert_same_image(made["image"], expected.image, max_diff=0)
+    page.click("#clear_mask")
+    assert page.evaluate("painted") is False
+    page.click("#clear_image")
+    assert page.is_hidden("#paint")
+
+
 def test_bad_form_values_get_a_clear_error(ui_url):
     def post(body: bytes, content_type="application/json"):
         request = urllib.request.Request(ui_url + "api/generate", body, {"Content-Type": content_type})
@@ -325,6 +368,7 @@ def test_bad_form_values_get_a_clear_error(ui_url):
 
     assert post(b'{"steps": "four"}') == (400, "steps: 'four' is not a whole number")
     assert post(b'{"guidance_scale": "nan"}') == (400, "guidance_scale: 'nan' is not a number")
+    assert post(b'{"lora": "fox", "lora_scale": "half"}') == (400, "lora_scale: 'half' is not a number")
     assert post(b'{"seed": "%d"}' % 2**64) == (400, f"seed: {2**64} does not fit the server's 64-bit integer")
     code, error = post(b'{"size": 64}')
     assert code == 400 and "size" in error

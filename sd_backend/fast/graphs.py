@@ -104,6 +104,14 @@ class CapturedLoop:
         self.noise = torch.randn((self.loop_steps,) + latent_shape, device=device, dtype=dtype)
         if self.scheduler_name not in _NOISY:
             self.noise = self.noise[:1].expand((self.loop_steps,) + latent_shape)  # drawn but unused
+        # inpainting (an inpainting UNet's: the mask and the masked image's latents beside the
+        # latents at every step) reads them from static buffers too; a plain UNet's blend runs eager
+        self.mask = self.masked = None
+        if params.inpaint:
+            if not stage.family.inpainting_unet:
+                raise ValueError("CapturedLoop: inpainting with a plain UNet (its blend after every step) runs the eager loop")
+            self.mask = torch.zeros((rows, 1) + latent_shape[2:], device=device, dtype=dtype)
+            self.masked = torch.zeros((rows,) + latent_shape[1:], device=device, dtype=dtype)
         probe = make_scheduler(self.scheduler_name, stage.scheduler_config)
         probe.set_timesteps(self.steps, device="cpu")
         self.begin = params.start_step * probe.order
@@ -164,17 +172,24 @@ class CapturedLoop:
                 scheduler.set_begin_index(self.begin)
             timesteps = scheduler.timesteps[self.begin :]
         constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds, self.added) if self.hoist else None
+        inpaint = None
+        if self.mask is not None:  # a new one per pass: a guidance cutoff narrows its rows as the loop runs
+            from ..inpaint import Inpainting
+
+            inpaint = Inpainting(self.mask, self.masked)
         with _noise_from(scheduler, list(self.noise.unbind(0))):
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
                 step_constants=constants, added_cond_kwargs=self.added, guidance_cutoff=self.cutoff, timesteps=timesteps,
                 cache_interval=self.cache_interval, cache_branch=self.stage.config.cache_branch, callback=callback,
+                inpaint=inpaint,
             )
 
-    def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None, callback=None):
+    def run(self, latents, embeds, guidance, generators: Sequence, added_cond_kwargs: dict | None = None, callback=None, inpaint=None):
         """Replay for n <= bucket images; returns (n, 4, h, w). `callback(index, count,
         latents)` (see `denoise`; step graphs only) runs after each step with that step's
-        (n, C, h, w) latents, while the next steps run; what it raises stops the replay."""
+        (n, C, h, w) latents, while the next steps run; what it raises stops the replay.
+        `inpaint`: the group's sd_backend.inpaint.Inpainting (an inpainting UNet's)."""
         n = latents.shape[0]
         # pad the bucket with copies of the first image (their output is dropped)
         _fill(self.latents, latents, n, 1)
@@ -182,6 +197,9 @@ class CapturedLoop:
         _fill(self.embeds, embeds, n, halves)
         for name, static in (self.added or {}).items():
             _fill(static, added_cond_kwargs[name], n, halves)
+        if self.mask is not None:
+            _fill(self.mask, inpaint.mask, n, halves)
+            _fill(self.masked, inpaint.masked, n, halves)
         if self.cfg:
             self.guidance[:n].copy_(guidance)
             self.guidance[n:].fill_(1.0)
@@ -259,12 +277,16 @@ class LoopGraphs:
         return time.perf_counter() - start
 
     def capture_defaults(self) -> None:
-        """The deployment's default request at every configured batch bucket."""
+        """The deployment's default request at every configured batch bucket (and image-to-image's
+        at each of fast_path.image_to_image_strengths)."""
         config = self.stage.config
-        if self.stage.family.inpainting_unet:  # it serves inpainting only, which runs the eager loop for now
-            log.info("an inpainting UNet: no text-to-image loops to capture")
+        if self.stage.family.inpainting_unet:  # it serves inpainting only: its default request
+            seconds = self.capture(self.stage.check(seed=0, inpaint=True, strength=config.default_inpaint_strength), config.batch_buckets)
+            log.info("captured %d inpainting loop graphs in %.1f s", len(self.loops), seconds)
             return
         seconds = self.capture(self.stage.check(seed=0), config.batch_buckets)
+        for strength in config.fast_path.image_to_image_strengths:
+            seconds += self.capture(self.stage.check(seed=0, strength=strength), config.batch_buckets)
         log.info("captured %d denoising-loop graphs in %.1f s", len(self.loops), seconds)
 
     def find(self, params: GenerationParams, n: int, reports: bool = False) -> CapturedLoop | None:

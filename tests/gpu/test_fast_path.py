@@ -109,6 +109,43 @@ def test_image_to_image_replays_a_loop_captured_for_its_start_step(stage, schedu
     assert rel_l2(graphed, text_to_image) > 0.1  # the image really was the start
 
 
+@pytest.mark.parametrize("scheduler, strength", [("pndm", 1.0), ("euler_a", 0.6)])
+def test_an_inpainting_unet_replays_captured_loops(cache_dir, scheduler, strength):
+    """tiny-inpaint (9 input channels): the mask and the masked image's latents are static
+    inputs of the captured loop; its latents match the eager loop's."""
+    from sd_backend.offline import write_offline_model
+
+    model_dir = write_offline_model("tiny-inpaint", cache_dir / "tiny-inpaint")
+    stage = UNetStage.from_config(DeploymentConfig(model=str(model_dir), opt_level="triton", batch_buckets=(1, 4), default_steps=STEPS))
+    stage.graphs.capture(stage.check(seed=0, scheduler=scheduler, strength=strength, inpaint=True), (1, 4))
+    jobs = _jobs(stage, scheduler, [31, 32, 33], strength=strength, inpaint=True)
+    side, channels = stage.family.native_size // stage.vae_scale, stage.family.latent_channels
+    for job in jobs:
+        gen = torch.Generator().manual_seed(job.params.seed + 100)
+        job.init_moments, job.masked_moments = (
+            torch.cat([torch.randn(channels, side, side, generator=gen), torch.full((channels, side, side), -6.0)]) for _ in range(2)
+        )
+        job.latent_mask = (torch.rand(1, side, side, generator=gen) > 0.5).float()
+    assert stage.graphs.find(jobs[0].params, 3) is not None
+    graphed = torch.cat(stage(jobs))
+    eager = _eager(stage, jobs)
+    assert torch.isfinite(graphed).all()
+    assert rel_l2(graphed, eager) < 2e-2, rel_l2(graphed, eager)
+    for job in jobs:
+        job.latent_mask = 1 - job.latent_mask
+    assert rel_l2(torch.cat(stage(jobs)), graphed) > 1e-2  # the mask is an input of the replay, not baked in
+
+
+def test_image_to_image_strengths_are_captured_at_load(cache_dir):
+    from sd_backend.offline import write_offline_model
+
+    model_dir = write_offline_model("tiny", cache_dir / "tiny")
+    options = FastPathOptions(image_to_image_strengths=(0.5,))
+    stage = UNetStage.from_config(DeploymentConfig(model=str(model_dir), opt_level="triton", fast_path=options, batch_buckets=(1, 2), default_steps=STEPS))
+    assert stage.graphs.find(stage.check(seed=1, strength=0.5), 2) is not None
+    assert stage.graphs.find(stage.check(seed=1, strength=0.9), 1) is None  # another start step: the eager loop
+
+
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_a"])
 def test_padded_bucket_gives_each_seed_its_image(stage, scheduler):
     alone = stage(_jobs(stage, scheduler, [5]))[0]

@@ -17,6 +17,7 @@ benchmarks/NOTES.md), so each instance keeps one BLS call in flight.
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,15 @@ class TritonPythonModel:
 
             unet = threading.Thread(target=call, name="stream-unet")
             unet.start()
-            cancelled = False
+            cancelled, next_check = False, 0.0
             # until the unet hangs up (its loop is over), or answers without connecting (it refused the request)
             while not listener.closed and (unet.is_alive() or listener.connected(0.0)):
-                if not cancelled and request.is_cancelled():
-                    cancelled = True
-                    listener.cancel()
+                # is_cancelled() is a round trip to the server: once per poll, not once per step
+                if not cancelled and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + _POLL_S
+                    if request.is_cancelled():
+                        cancelled = True
+                        listener.cancel()
                 progress = listener.receive(_POLL_S)
                 if progress is not None and not cancelled:
                     sender.send(self._progress_response(progress))
