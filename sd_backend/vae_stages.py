@@ -116,6 +116,9 @@ class VAEStage:
 
                 optimize_vae_stage(stage, config)
             stage.warm_up(config)
+            from .fast.load_caches import remember
+
+            remember(stage.fast_path)  # the warm-up met every batch size's shapes
         return stage
 
     def warm_up(self, config: DeploymentConfig) -> list[int]:

@@ -17,7 +17,7 @@ import os
 
 from ..config import DeploymentConfig
 from .graphs import LoopGraphs
-from .runtime import FastPath
+from .load_caches import fast_path_for, remember, use_compiler_caches
 
 log = logging.getLogger("sd_backend")
 
@@ -34,6 +34,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     if stage.device.type != "cuda":
         log.warning("opt_level %s needs a GPU; running eager on %s", level, stage.device)
         return
+    use_compiler_caches(config.cache_dir)  # before the first kernel compiles
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     stage.unet.to(memory_format=torch.channels_last)
@@ -46,7 +47,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
         if ops:
             from .modules import patch_model
 
-            stage.fast_path = FastPath(options)
+            stage.fast_path = fast_path_for(options, config.cache_dir, "unet", stage.device)
             log.info("patched UNet with Triton kernels: %s", patch_model(stage.unet, stage.fast_path, ops))
         if "inductor" in options.kernels:  # inductor's fusions inside our whole-loop graphs (its own graphs off)
             stage.unet = torch.compile(stage.unet, mode="default", dynamic=False)
@@ -58,6 +59,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
         stage.graphs = LoopGraphs(stage, hoist, config.fast_path.step_graphs)
         if capture:
             stage.graphs.capture_defaults()
+            remember(stage.fast_path)  # every shape of the default loops met: a restart reuses them
 
 
 def optimize_vae_stage(stage, config: DeploymentConfig) -> None:
@@ -69,13 +71,14 @@ def optimize_vae_stage(stage, config: DeploymentConfig) -> None:
     options = config.fast_path
     if stage.device.type != "cuda" or config.opt_level != "triton" or not options.optimize_vae:
         return
+    use_compiler_caches(config.cache_dir)
     torch.backends.cudnn.benchmark = True
     stage.vae.to(memory_format=torch.channels_last)
     ops = tuple(op for op in options.kernels if op in _VAE_OPS)
     if ops:
         from .modules import patch_model
 
-        stage.fast_path = FastPath(options)
+        stage.fast_path = fast_path_for(options, config.cache_dir, "vae", stage.device)
         log.info("patched VAE with Triton kernels: %s", patch_model(stage.vae, stage.fast_path, ops))
 
 

@@ -31,11 +31,15 @@ class FastPath:
         options: FastPathOptions | None = None,
         kernel_devices: tuple[str, ...] = ("cuda",),
         attention_dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16),
+        known: dict[str, tuple[float, float]] | None = None,
     ):
         self.options = options if options is not None else FastPathOptions()
         self.kernel_devices = kernel_devices
         self.attention_dtypes = attention_dtypes
         self._timings: dict[Hashable, tuple[float, float]] = {}  # key -> (kernel ms, torch op ms)
+        # timings of an earlier start on this machine (sd_backend.fast.load_caches), by repr(key)
+        self._known = dict(known or {})
+        self.reused = 0  # shapes decided from `known` instead of timed
 
     def on_kernel_device(self, *tensors) -> bool:
         return all(t.device.type in self.kernel_devices for t in tensors)
@@ -48,12 +52,20 @@ class FastPath:
             return reference()
         if mode == "always" or device.type != "cuda":
             return kernel()
+        if key not in self._timings and repr(key) in self._known:
+            self._timings[key] = self._known[repr(key)]
+            self.reused += 1
         if key not in self._timings:
             if torch.cuda.is_current_stream_capturing():
                 return kernel()  # unseen during warm-up: no timing inside a capture
             self._timings[key] = (_time_ms(kernel), _time_ms(reference))
         kernel_ms, reference_ms = self._timings[key]
         return kernel() if kernel_ms < reference_ms else reference()
+
+    def timings(self) -> dict[str, tuple[float, float]]:
+        """{repr(key): (kernel ms, torch ms)} of every shape met (and those known but not met
+        this time), what `known` takes at the next start."""
+        return self._known | {repr(key): timing for key, timing in self._timings.items()}
 
     def decisions(self) -> list[dict]:
         """What `measure` timed: one row per shape, for logs and benchmark records."""

@@ -136,6 +136,22 @@ def test_an_inpainting_unet_replays_captured_loops(cache_dir, scheduler, strengt
     assert rel_l2(torch.cat(stage(jobs)), graphed) > 1e-2  # the mask is an input of the replay, not baked in
 
 
+def test_a_restart_reuses_the_kernel_dispatch_decisions(cache_dir, tmp_path):
+    """The second load on this machine decides every shape from the first one's file in
+    cache_dir (sd_backend.fast.load_caches) and times none; its latents are the first's."""
+    from sd_backend.offline import write_offline_model
+
+    model_dir = write_offline_model("tiny", cache_dir / "tiny")
+    config = DeploymentConfig(model=str(model_dir), opt_level="triton", batch_buckets=(1,), default_steps=STEPS, cache_dir=str(tmp_path))
+    first = UNetStage.from_config(config)
+    met = len(first.fast_path.timings())
+    assert first.fast_path.reused == 0 and met > 0 and list((tmp_path / "dispatch").glob("unet-*.json"))
+    second = UNetStage.from_config(config)
+    assert second.fast_path.reused == met and second.fast_path.timings() == first.fast_path.timings()
+    jobs = _jobs(first, "pndm", [41])
+    assert torch.equal(first(jobs)[0], second(jobs)[0])
+
+
 def test_image_to_image_strengths_are_captured_at_load(cache_dir):
     from sd_backend.offline import write_offline_model
 
