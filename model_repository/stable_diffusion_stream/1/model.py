@@ -1,12 +1,13 @@
 """Triton adapter for the streaming path: progress per step, previews, cancellation.
 
 Decoupled: each request gets a response per denoising step, then the image (or an
-error), then the final flag. It holds no model and loads none: the prompt goes to
-`text_encoder` (which checks the whole request, as in the ensemble), the image
-(image-to-image, inpainting) to `vae_encoder`, the loop to `unet` and the latents to `vae`,
-each by BLS, so a stream's loop batches with the ensemble's and other streams' on the same
-captured graphs. The `unet` model reports each step over the request's progress channel
-(sd_backend.progress_channel), which this model forwards while its BLS call runs.
+error), then the final flag. It holds no model and loads none: each stream is one BLS call
+to the ensemble its image inputs name (stable_diffusion, _img2img or _inpaint), with the
+token of the stream's progress channel (sd_backend.progress_channel) as PROGRESS_TOKEN,
+which the ensemble hands the `unet` model; so a stream's loop batches with the ensemble's
+and other streams' on the same captured graphs, its tensors stay on the GPU between the
+models as the ensemble's do, and its image is the ensemble's. The unet reports each step
+over the channel, which this model forwards while the call runs.
 
 One request at a time per instance, answered before `execute` returns; concurrent streams
 run on the model's instances (config.pbtxt), which are light processes. Threads that answer
@@ -34,14 +35,14 @@ from sd_backend.streaming import Cancelled
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _POLL_S = 0.02  # how often a stream waiting on its loop checks for its client's cancel
-_GENERATION = (
-    "SEED", "STEPS", "GUIDANCE_SCALE", "GUIDANCE_CUTOFF", "CACHE_INTERVAL", "HEIGHT", "WIDTH", "SCHEDULER", "STRENGTH", "LORA", "LORA_SCALE",
-)
-# what each model this one calls reads of the request (their config.pbtxt)
-_TEXT_INPUTS = ("PROMPT", "NEGATIVE_PROMPT", *_GENERATION)
-_ENCODER_INPUTS = ("INIT_IMAGE", "MASK_IMAGE", *_GENERATION)
-_UNET_INPUTS = (*_GENERATION, "PREVIEW_EVERY")
-_UNET_OUTPUTS = ["LATENTS", "SEED_USED", "PARAMETERS"]
+_OUTPUTS = ["IMAGE", "SEED_USED", "PROMPT_TOKENS_DROPPED", "PARAMETERS"]  # what each ensemble answers
+
+
+def _ensemble(names: set) -> str:
+    """The ensemble a stream runs through, by its image inputs (the encoder there names a missing INIT_IMAGE)."""
+    if "MASK_IMAGE" in names:
+        return "stable_diffusion_inpaint"
+    return "stable_diffusion_img2img" if "INIT_IMAGE" in names else "stable_diffusion"
 
 
 def _call(model: str, inputs: list, outputs: list[str]) -> dict:
@@ -61,11 +62,6 @@ def _call(model: str, inputs: list, outputs: list[str]) -> dict:
             raise Cancelled(error.message())
         raise RuntimeError(f"{model}: {error.message()}")
     return {name: pb_utils.get_output_tensor_by_name(reply, name) for name in outputs}
-
-
-def _given(request, names) -> list:
-    """The request's inputs of those names that it has."""
-    return [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in names) if t is not None]
 
 
 class TritonPythonModel:
@@ -88,28 +84,18 @@ class TritonPythonModel:
         sender.send(final, flags=_FINAL)
 
     def _generate(self, request, sender):
-        encoded = _call("text_encoder", _given(request, _TEXT_INPUTS), [*io.CONDITIONING, "PROMPT_TOKENS_DROPPED"])
-        unet_inputs = [encoded[name] for name in io.CONDITIONING] + _given(request, _UNET_INPUTS)
-        image = _given(request, ("INIT_IMAGE", "MASK_IMAGE"))
-        if image:  # image-to-image or inpainting: the image's latent distribution, by vae_encoder (which checks it)
-            inpaint = any(t.name() == "MASK_IMAGE" for t in image)
-            wanted = ["INIT_MOMENTS", *(("MASKED_MOMENTS", "LATENT_MASK") if inpaint else ())]
-            unet_inputs += _call("vae_encoder", _given(request, _ENCODER_INPUTS), wanted).values()
+        """The ensemble's answer to this request's inputs (the one of its image inputs: text-,
+        image-to-image or inpainting), its step reports forwarded as they come."""
+        given = request.inputs()
+        ensemble = _ensemble({t.name() for t in given})
         if request.is_cancelled():
-            raise Cancelled("cancelled by the client before denoising")
-        denoised = self._denoise(request, sender, unet_inputs)
-        decoded = _call("vae", [denoised["LATENTS"]], ["IMAGE"])
-        return pb_utils.InferenceResponse(
-            [
-                decoded["IMAGE"],
-                denoised["SEED_USED"],
-                encoded["PROMPT_TOKENS_DROPPED"],
-                denoised["PARAMETERS"],
-            ]
-        )
+            raise Cancelled("cancelled by the client before it started")
+        outputs = self._run(request, sender, ensemble, given)
+        return pb_utils.InferenceResponse([outputs[name] for name in _OUTPUTS])
 
-    def _denoise(self, request, sender, inputs: list) -> dict:
-        """The unet model's outputs for this request, its step reports forwarded as they come."""
+    def _run(self, request, sender, ensemble: str, inputs: list) -> dict:
+        """The ensemble's outputs for this request; its unet reports each step over a progress
+        channel whose token goes with the request, forwarded while the call runs."""
         listener = Listener()
         outcome = {}
         try:
@@ -117,15 +103,16 @@ class TritonPythonModel:
 
             def call():
                 try:
-                    outcome["outputs"] = _call("unet", inputs + [token], _UNET_OUTPUTS)
+                    outcome["outputs"] = _call(ensemble, inputs + [token], _OUTPUTS)
                 except Exception as err:  # noqa: BLE001 - raised on the request's thread below
                     outcome["error"] = err
 
-            unet = threading.Thread(target=call, name="stream-unet")
-            unet.start()
+            worker = threading.Thread(target=call, name="stream-ensemble")
+            worker.start()
             cancelled, next_check = False, 0.0
-            # until the unet hangs up (its loop is over), or answers without connecting (it refused the request)
-            while not listener.closed and (unet.is_alive() or listener.connected(0.0)):
+            # until the unet hangs up (its loop is over), or the call ends without it connecting
+            # (a request the text encoder or the unet refused)
+            while not listener.closed and (worker.is_alive() or listener.connected(0.0)):
                 # is_cancelled() is a round trip to the server: once per poll, not once per step
                 if not cancelled and time.monotonic() >= next_check:
                     next_check = time.monotonic() + _POLL_S
@@ -135,7 +122,7 @@ class TritonPythonModel:
                 progress = listener.receive(_POLL_S)
                 if progress is not None and not cancelled:
                     sender.send(self._progress_response(progress))
-            unet.join()
+            worker.join()
         finally:
             listener.close()
         if "error" in outcome:
