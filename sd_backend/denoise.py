@@ -79,7 +79,7 @@ def denoise(
                 noise = (uncond + guidance * (cond - uncond)).to(latents.dtype)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             if inpaint is not None:
-                latents = inpaint.blend(latents, scheduler, timesteps, i)
+                latents = inpaint.blend(latents, i)
             if i == cutoff:  # the conditional half of every row set from here on (negatives come first)
                 rows = embeds.shape[0] // 2
                 embeds, guidance = embeds[rows:], None

@@ -56,6 +56,7 @@ class Inpainting:
     masked: Any
     image_latents: Any = None
     noise: Any = None
+    proper: Any = None  # a plain UNet's (steps, B, C, h, w): what the blend puts back after each step (prepare_blend)
 
     @property
     def concat(self) -> bool:
@@ -67,18 +68,39 @@ class Inpainting:
 
         return torch.cat([model_input, self.mask, self.masked], dim=1) if self.concat else model_input
 
-    def blend(self, latents, scheduler, timesteps, index: int):
+    def prepare_blend(self, scheduler, timesteps) -> None:
+        """A plain UNet's blend targets, made before the loop: after step i the pipeline puts back
+        INIT_IMAGE's latents noised to timesteps[i + 1] (the image itself after the last step) by
+        the scheduler's add_noise, which Euler's and DPM++'s read at their step index, then
+        begin index + i + 1; it is set so for each, so every row is the pipeline's to the bit.
+        The loop only reads the table (a captured loop holds it as a static input)."""
+        if self.concat:
+            return
+        import torch
+
+        keeps_index = hasattr(scheduler, "_step_index")  # diffusers' schedulers with a step index (pinned)
+        saved = getattr(scheduler, "_step_index", None)
+        begin = getattr(scheduler, "begin_index", None) or 0
+        rows = []
+        try:
+            for index in range(len(timesteps) - 1):
+                if keeps_index:
+                    scheduler._step_index = begin + index + 1
+                rows.append(scheduler.add_noise(self.image_latents, self.noise, torch.tensor([timesteps[index + 1]])))
+        finally:
+            if keeps_index:
+                scheduler._step_index = saved
+        self.proper = torch.stack(rows + [self.image_latents])
+
+    def blend(self, latents, index: int):
         """A plain UNet's latents after step `index`, the unmasked part put back."""
         if self.concat:
             return latents
-        import torch
-
         init_mask = self.mask[: latents.shape[0]]  # the first half under guidance: both halves are equal
-        proper = self.image_latents
-        if index < len(timesteps) - 1:
-            proper = scheduler.add_noise(proper, self.noise, torch.tensor([timesteps[index + 1]]))
-        return (1 - init_mask) * proper + init_mask * latents
+        return (1 - init_mask) * self.proper[index] + init_mask * latents
 
     def keep_rows(self, start: int) -> None:
         """Keep the rows from `start` on (a guidance cutoff keeps the conditional half)."""
-        self.mask, self.masked = self.mask[start:], self.masked[start:]
+        self.mask = self.mask[start:]
+        if self.masked is not None:
+            self.masked = self.masked[start:]

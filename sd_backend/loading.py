@@ -44,12 +44,25 @@ def placement(config: DeploymentConfig, instance_device: str | None = None) -> t
     model_libraries()
     source = resolve_model(config)
     device = resolve_device(config, instance_device)
+    if device.type == "cuda":
+        use_compiler_caches(config.cache_dir)  # before the first kernel compiles
     if device.type == "cuda" and device.index is not None:
         import torch
 
         # kernels, streams and graph captures use the current device: make it this instance's GPU
         torch.cuda.set_device(device)
     return source, device, resolve_dtype(config, device)
+
+
+def use_compiler_caches(cache_dir: str) -> None:
+    """Point Triton's and inductor's compiled-kernel caches into the deployment's cache_dir
+    (`triton/`, `inductor/`) where the environment names none (the container image does):
+    their own keys hold the source, the GPU architecture and the library versions, so a
+    restart on the same machine reuses them (sd_backend.fast.load_caches keeps the rest)."""
+    from pathlib import Path
+
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
 
 
 def _hub_kwargs() -> dict[str, Any]:

@@ -211,9 +211,8 @@ class UNetStage:
         if first.uses_guidance:
             guidance = torch.tensor([p.guidance for p in params], device=self.device).view(-1, 1, 1, 1)
         callback = group_reporter([job.progress for job in jobs])
-        # image-to-image replays a loop captured for its start step, an inpainting UNet's too; a
-        # plain UNet's inpainting runs the eager loop (its blend adds noise at every step)
-        graphed = self.graphs is not None and (inpaint is None or inpaint.concat)
+        # image-to-image and inpainting replay a loop captured for their start step
+        graphed = self.graphs is not None
         captured = self.graphs.find(first, len(jobs), reports=callback is not None) if graphed else None
         if captured is not None:
             return captured.run(latents, embeds, guidance, generators, added, callback=callback, inpaint=inpaint)
@@ -270,7 +269,9 @@ class UNetStage:
         mask = torch.stack([job.latent_mask.to(self.device, self.dtype) for job in jobs])  # (B, 1, h, w)
         if first.uses_guidance:
             mask, masked = torch.cat([mask] * 2), torch.cat([masked] * 2)
-        return latents, generators, timesteps, Inpainting(mask, masked, image if blend else None, noise if blend else None)
+        inpainting = Inpainting(mask, masked, image if blend else None, noise if blend else None)
+        inpainting.prepare_blend(scheduler, timesteps)
+        return latents, generators, timesteps, inpainting
 
     def _start_part_way(self, jobs: Sequence[DenoiseJob], scheduler):
         """(the loop's timesteps from the params' start_step on, one generator per image),

@@ -69,7 +69,11 @@ def test_layers_import_only_downwards():
     below = {
         "sd_kernels": ("sd_kernels",),
         "sd_backend.fast.modules": ("sd_kernels", "sd_backend.fast.modules", "sd_backend.fast.runtime", "sd_backend.fast.compat", "sd_backend.config"),
-        "sd_backend.fast": ("sd_kernels", "sd_backend.fast", "sd_backend.config", "sd_backend.denoise", "sd_backend.params", "sd_backend.schedulers"),
+        # the loop's own helpers (denoise, inpaint: the per-step math) sit beside it
+        "sd_backend.fast": (
+            "sd_kernels", "sd_backend.fast", "sd_backend.config", "sd_backend.denoise", "sd_backend.inpaint", "sd_backend.params",
+            "sd_backend.schedulers",
+        ),
     }
     for name, path in modules.items():
         layer = max((prefix for prefix in below if name == prefix or name.startswith(prefix + ".")), key=len, default=None)

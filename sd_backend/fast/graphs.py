@@ -104,18 +104,20 @@ class CapturedLoop:
         self.noise = torch.randn((self.loop_steps,) + latent_shape, device=device, dtype=dtype)
         if self.scheduler_name not in _NOISY:
             self.noise = self.noise[:1].expand((self.loop_steps,) + latent_shape)  # drawn but unused
-        # inpainting (an inpainting UNet's: the mask and the masked image's latents beside the
-        # latents at every step) reads them from static buffers too; a plain UNet's blend runs eager
-        self.mask = self.masked = None
-        if params.inpaint:
-            if not stage.family.inpainting_unet:
-                raise ValueError("CapturedLoop: inpainting with a plain UNet (its blend after every step) runs the eager loop")
-            self.mask = torch.zeros((rows, 1) + latent_shape[2:], device=device, dtype=dtype)
-            self.masked = torch.zeros((rows,) + latent_shape[1:], device=device, dtype=dtype)
         probe = make_scheduler(self.scheduler_name, stage.scheduler_config)
         probe.set_timesteps(self.steps, device="cpu")
         self.begin = params.start_step * probe.order
         self.unet_timesteps = probe.timesteps[self.begin :].to(device)  # (loop steps,) on the GPU for the UNet
+        # inpainting reads its inputs from static buffers too: an inpainting UNet the mask and the
+        # masked image's latents beside the latents at every step, a plain UNet the mask and the
+        # table of what its blend puts back after each step (sd_backend.inpaint.prepare_blend)
+        self.mask = self.masked = self.proper = None
+        if params.inpaint:
+            self.mask = torch.zeros((rows, 1) + latent_shape[2:], device=device, dtype=dtype)
+            if stage.family.inpainting_unet:
+                self.masked = torch.zeros((rows,) + latent_shape[1:], device=device, dtype=dtype)
+            else:
+                self.proper = torch.zeros((len(self.unet_timesteps),) + latent_shape, device=device, dtype=dtype)
 
         # warm up (autotuning, cuDNN algorithm search, lazy inits) on a side stream, then capture
         side = torch.cuda.Stream(device)
@@ -176,7 +178,10 @@ class CapturedLoop:
         if self.mask is not None:  # a new one per pass: a guidance cutoff narrows its rows as the loop runs
             from ..inpaint import Inpainting
 
-            inpaint = Inpainting(self.mask, self.masked)
+            if self.proper is None:
+                inpaint = Inpainting(self.mask, self.masked)
+            else:  # the blend reads the table alone (image_latents marks the kind)
+                inpaint = Inpainting(self.mask, None, image_latents=self.proper[-1], proper=self.proper)
         with _noise_from(scheduler, list(self.noise.unbind(0))):
             return denoise(
                 self.stage.unet, scheduler, self.latents, self.embeds, self.guidance, None, self.unet_timesteps,
@@ -199,7 +204,11 @@ class CapturedLoop:
             _fill(static, added_cond_kwargs[name], n, halves)
         if self.mask is not None:
             _fill(self.mask, inpaint.mask, n, halves)
+        if self.masked is not None:
             _fill(self.masked, inpaint.masked, n, halves)
+        if self.proper is not None:  # (steps, n, ...) into (steps, bucket, ...)
+            self.proper[:, :n].copy_(inpaint.proper)
+            self.proper[:, n:].copy_(inpaint.proper[:, :1].expand((-1, self.bucket - n) + tuple(inpaint.proper.shape[2:])))
         if self.cfg:
             self.guidance[:n].copy_(guidance)
             self.guidance[n:].fill_(1.0)

@@ -17,7 +17,7 @@ import os
 
 from ..config import DeploymentConfig
 from .graphs import LoopGraphs
-from .load_caches import fast_path_for, remember, use_compiler_caches
+from .load_caches import fast_path_for, remember
 
 log = logging.getLogger("sd_backend")
 
@@ -34,7 +34,6 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     if stage.device.type != "cuda":
         log.warning("opt_level %s needs a GPU; running eager on %s", level, stage.device)
         return
-    use_compiler_caches(config.cache_dir)  # before the first kernel compiles
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     stage.unet.to(memory_format=torch.channels_last)
@@ -71,7 +70,6 @@ def optimize_vae_stage(stage, config: DeploymentConfig) -> None:
     options = config.fast_path
     if stage.device.type != "cuda" or config.opt_level != "triton" or not options.optimize_vae:
         return
-    use_compiler_caches(config.cache_dir)
     torch.backends.cudnn.benchmark = True
     stage.vae.to(memory_format=torch.channels_last)
     ops = tuple(op for op in options.kernels if op in _VAE_OPS)

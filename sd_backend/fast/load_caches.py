@@ -8,9 +8,8 @@ does not redo the work of the first start:
   path's options. A new GPU, driver or library version reads another file (empty: timed
   afresh), so a stale decision is never used;
 - Triton's compiled kernels (`triton/`) and inductor's (`inductor/`), whose own caches key
-  each entry by the source, the GPU architecture and the library versions: the compiler
-  caches' directories are set to these unless the environment already names them
-  (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, as the container image does).
+  each entry by the source, the GPU architecture and the library versions
+  (sd_backend.loading.use_compiler_caches points them there).
 
 A Kubernetes pod mounts one volume at `cache_dir` (deploy/'s cache volume) for all three.
 """
@@ -27,12 +26,6 @@ from pathlib import Path
 log = logging.getLogger("sd_backend")
 
 FORMAT = 1  # the files' layout; a change of it reads as another fingerprint
-
-
-def use_compiler_caches(cache_dir: str | os.PathLike) -> None:
-    """Point Triton's and inductor's caches into `cache_dir` where the environment names none."""
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
 
 
 def machine(device) -> dict:

@@ -69,12 +69,14 @@ def test_other_dispatch_modes_save_nothing(tmp_path):
 
 @pytest.mark.parametrize("preset", [None, "/elsewhere"])
 def test_the_compiler_caches_go_into_cache_dir_unless_the_environment_names_them(tmp_path, monkeypatch, preset):
+    from sd_backend.loading import use_compiler_caches
+
     for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         if preset is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, preset)
-    load_caches.use_compiler_caches(tmp_path)
+    use_compiler_caches(str(tmp_path))
     import os
 
     expected = (str(tmp_path / "triton"), str(tmp_path / "inductor")) if preset is None else (preset, preset)

@@ -109,13 +109,15 @@ def test_image_to_image_replays_a_loop_captured_for_its_start_step(stage, schedu
     assert rel_l2(graphed, text_to_image) > 0.1  # the image really was the start
 
 
+@pytest.mark.parametrize("model", ["tiny-inpaint", "tiny"])
 @pytest.mark.parametrize("scheduler, strength", [("pndm", 1.0), ("euler_a", 0.6)])
-def test_an_inpainting_unet_replays_captured_loops(cache_dir, scheduler, strength):
+def test_inpainting_replays_captured_loops(cache_dir, model, scheduler, strength):
     """tiny-inpaint (9 input channels): the mask and the masked image's latents are static
-    inputs of the captured loop; its latents match the eager loop's."""
+    inputs of the captured loop; tiny (a plain UNet): the mask and the blend's table. Either's
+    latents match the eager loop's."""
     from sd_backend.offline import write_offline_model
 
-    model_dir = write_offline_model("tiny-inpaint", cache_dir / "tiny-inpaint")
+    model_dir = write_offline_model(model, cache_dir / model)
     stage = UNetStage.from_config(DeploymentConfig(model=str(model_dir), opt_level="triton", batch_buckets=(1, 4), default_steps=STEPS))
     stage.graphs.capture(stage.check(seed=0, scheduler=scheduler, strength=strength, inpaint=True), (1, 4))
     jobs = _jobs(stage, scheduler, [31, 32, 33], strength=strength, inpaint=True)
