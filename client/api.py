@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+import urllib.request
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,22 @@ def unreachable(err: BaseException, url: str, protocol: str) -> ServerUnreachabl
         reason = "connection refused" if "refused" in message.lower() else message.split(";")[-1].strip()
         return ServerUnreachable(url, protocol, reason)
     return None
+
+
+_LORA_CHOICE = re.compile(r'^sd_lora_choice\{(?P<labels>[^}]*)\}\s+1(?:\.0*)?\s*$', re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def lora_choices(metrics_url: str, timeout_s: float = 5) -> dict[str, float]:
+    """{name: default scale} of the adapters a request may name in LORA, as the server's
+    metrics publish them (`sd_lora_choice`, on Triton's metrics port); {} for none."""
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as reply:
+        text = reply.read().decode()
+    choices = {}
+    for match in _LORA_CHOICE.finditer(text):
+        labels = dict(_LABEL.findall(match["labels"]))
+        choices[labels["name"]] = float(labels["scale"])
+    return dict(sorted(choices.items()))
 
 
 @dataclasses.dataclass

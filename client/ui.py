@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .api import Cancelled, SDClient
+from .api import Cancelled, SDClient, lora_choices
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 # latent previews are small (height/8 x width/8) and computed without the VAE: one per step
@@ -153,8 +153,9 @@ class Job:
 class App:
     """The running requests, each streamed from the server by its own thread."""
 
-    def __init__(self, client: SDClient):
+    def __init__(self, client: SDClient, metrics_url: str | None = None):
         self.client = client
+        self.metrics_url = metrics_url  # Triton's metrics, which list the server's LoRA adapters
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
 
@@ -183,6 +184,17 @@ class App:
             used = {**result.parameters, "seed": str(result.seed)}
             job.events.put(("done", {"image": png_data_url(result.image), "latency_s": round(result.latency_s, 3), **used}))
 
+    def adapters(self) -> dict[str, Any]:
+        """The adapters the page offers: {"adapters": [{name, scale}]}, with "error" when the
+        server's metrics cannot be read (the field still takes a name then)."""
+        if self.metrics_url is None:
+            return {"adapters": [], "error": "no metrics address (sd-client ui --metrics-url)"}
+        try:
+            choices = lora_choices(self.metrics_url)
+        except (OSError, ValueError) as err:
+            return {"adapters": [], "error": f"cannot read {self.metrics_url}: {err}"}
+        return {"adapters": [{"name": name, "scale": scale} for name, scale in choices.items()]}
+
     def pop(self, job_id: str) -> Job | None:
         with self.lock:
             return self.jobs.pop(job_id, None)
@@ -208,6 +220,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
         elif self.path.startswith("/api/jobs/") and self.path.endswith("/events"):
             self._events(self.path.split("/")[3])
+        elif self.path == "/api/adapters":
+            self._json(HTTPStatus.OK, self.server.app.adapters())
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
 
@@ -299,14 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default="127.0.0.1:8001", help="the Triton server's gRPC address (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve the page on (default %(default)s; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve the page on (default %(default)s)")
+    parser.add_argument(
+        "--metrics-url", help="Triton's metrics, where the server lists its LoRA adapters (default: port 8002 of --url's host)"
+    )
     return parser
+
+
+def default_metrics_url(grpc_url: str) -> str:
+    """Triton's default metrics address on the host of a gRPC address."""
+    host = grpc_url.rsplit(":", 1)[0] if grpc_url.rsplit(":", 1)[-1].isdigit() else grpc_url
+    return f"http://{host}:8002/metrics"
+
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = SDClient(args.url, "grpc")
     try:
-        server = UIServer((args.host, args.port), App(client))
+        server = UIServer((args.host, args.port), App(client, args.metrics_url or default_metrics_url(args.url)))
     except OSError as err:
         print(f"sd-client ui: cannot listen on {args.host}:{args.port}: {err.strerror}", file=sys.stderr)
         return 1

@@ -167,6 +167,10 @@ class UNetStage:
         """Fill defaults and check one request's parameters (raises ValueError)."""
         return check_params(self.config, self.family, **raw)
 
+    def lora_defaults(self) -> dict[str, float]:
+        """{name: scale without LORA_SCALE} of each adapter a request may name in LORA."""
+        return {name: spec.scale for name, spec in parse_lora_choices(self.config.lora_choices).items()}
+
     def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
         """One latent tensor (1, 4, h, w) per job, in order; None for a job whose stream
         was cancelled (its progress says so)."""

@@ -26,16 +26,23 @@ def adapters(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_server(cache_dir, tmp_path_factory, adapters):
-    from tests.servers import client, running_server
+def lora_deployment(cache_dir, tmp_path_factory, adapters):
+    from tests.servers import running_server
 
     lora = f"{adapters[0]}:0.7,{adapters[1]}"  # the second at scale 1
     choices = f"fox={adapters[0]},{adapters[1]}:0.5"  # per request, over the fused ones
     env = {"SD_LORA": lora, "SD_LORA_CHOICES": choices}
     with running_server(cache_dir, tmp_path_factory.mktemp("lora-server"), env=env) as server:
-        c = client(server.grpc_url)
-        yield c
-        c.close()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_deployment):
+    from tests.servers import client
+
+    c = client(lora_deployment.grpc_url)
+    yield c
+    c.close()
 
 
 def lora_reference(tiny_dir, adapters, prompt, *, seed, scheduler="pndm"):
@@ -268,3 +275,20 @@ def test_a_stream_with_an_adapter_gives_the_ensembles_image(lora_server):
     generated = lora_server.generate("a red fox", seed=6, steps=STEPS, scheduler="pndm", lora="fox", lora_scale=0.9)
     assert_same_image(streamed.image, generated.image, max_diff=0)
     assert streamed.parameters["lora"] == "fox" and streamed.parameters["lora_scale"] == 0.9 and len(steps) == STEPS + 1
+
+
+def test_the_server_lists_its_adapters_and_the_page_offers_them(lora_deployment, tmp_path):
+    """`sd_lora_choice{name,scale}` on Triton's metrics port names each adapter a request may
+    choose, with its default scale; the web page offers those names in its LoRA field."""
+    from sd_client import lora_choices
+    from tests.test_ui import browser_session, running_ui
+
+    assert lora_choices(lora_deployment.metrics_url) == {"fox": 1.0, "fox-kohya": 0.5}
+    with running_ui(lora_deployment, tmp_path) as url, browser_session() as browser:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#adapters option').length === 2")
+        options = page.evaluate("[...document.querySelectorAll('#adapters option')].map(o => [o.value, o.label])")
+        assert options == [["fox", "scale 1"], ["fox-kohya", "scale 0.5"]]
+        page.fill("input[name=lora]", "fox-kohya")
+        assert page.get_attribute("input[name=lora_scale]", "placeholder") == "0.5"

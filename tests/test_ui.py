@@ -10,6 +10,7 @@ SD_UI_SCREENSHOT=docs/ui.png saves a screenshot of the page with its gallery."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -37,16 +38,17 @@ def missing(what: str):
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def ui_url(server, tmp_path_factory):
-    """`sd-client ui` in its own process, on a free port, talking to the test server."""
+@contextlib.contextmanager
+def running_ui(server, log_dir):
+    """`sd-client ui` in its own process, on a free port, talking to `server` (its gRPC and
+    metrics addresses); yields the page's URL."""
     from sd_backend.launcher import free_port
 
     port = free_port()
-    log = tmp_path_factory.mktemp("ui") / "ui.log"
+    log = log_dir / "ui.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd_client.cli", "ui", "--url", server.grpc_url, "--port", str(port)],
+            [sys.executable, "-m", "sd_client.cli", "ui", "--url", server.grpc_url, "--metrics-url", server.metrics_url, "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
@@ -67,7 +69,14 @@ def ui_url(server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def ui_url(server, tmp_path_factory):
+    with running_ui(server, tmp_path_factory.mktemp("ui")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def browser_session():
+    """Headless Chromium driven by playwright (missing in CI: the test fails; locally: skips)."""
     chromium = shutil.which("chromium")
     if chromium is None:
         missing("Debian's chromium is not installed (apt-get install chromium)")
@@ -79,6 +88,12 @@ def browser():
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with browser_session() as browser:
+        yield browser
 
 
 @pytest.fixture
@@ -212,6 +227,28 @@ def test_the_adapter_fields_reach_the_server(page):
     assert "LORA: 'wolf' is not one of this deployment's adapters; known: none" in message, message
     wait_until_ready(page)
     assert page.query_selector("#gallery figure") is None
+
+
+def test_a_deployment_without_adapters_offers_none(page, ui_url):
+    """The page's adapter list is the server's (its `sd_lora_choice` metrics): empty here;
+    tests/test_lora.py has a deployment that lists two."""
+    with urllib.request.urlopen(ui_url + "api/adapters", timeout=10) as reply:
+        assert json.loads(reply.read()) == {"adapters": []}
+    page.wait_for_function("document.querySelector('input[name=lora]').placeholder === 'none'")
+    assert page.evaluate("document.querySelectorAll('#adapters option').length") == 0
+
+
+def test_unreadable_metrics_leave_the_adapter_field_free_text():
+    from sd_client import SDClient
+    from sd_client.ui import App, default_metrics_url
+
+    assert default_metrics_url("gpu-node:8001") == "http://gpu-node:8002/metrics"
+    assert default_metrics_url("10.0.0.7") == "http://10.0.0.7:8002/metrics"
+    from sd_backend.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
+    reply = App(SDClient("127.0.0.1:1"), url).adapters()
+    assert reply["adapters"] == [] and reply["error"].startswith(f"cannot read {url}: ")
 
 
 def test_cancel_stops_the_servers_work_and_the_next_request_runs(page):

@@ -22,7 +22,7 @@ from sd_backend.stages import DenoiseJob, UNetStage
 class TritonPythonModel:
     def initialize(self, args):
         self.stage = io.load_stage(UNetStage, args)
-        self.metrics = StageMetrics(pb_utils, "unet")
+        self.metrics = StageMetrics(pb_utils, "unet", self.stage.lora_defaults())
 
     def execute(self, requests):
         jobs = []
