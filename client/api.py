@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-import urllib.request
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 

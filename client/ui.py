@@ -153,7 +153,7 @@ class Job:
 class App:
     """The running requests, each streamed from the server by its own thread."""
 
-    def __init__(self, client: SDClient, metrics_url: str | None = None):
+    def __init__(self, client: SDClient, metrics_url: str):
         self.client = client
         self.metrics_url = metrics_url  # Triton's metrics, which list the server's LoRA adapters
         self.jobs: dict[str, Job] = {}
@@ -187,8 +187,6 @@ class App:
     def adapters(self) -> dict[str, Any]:
         """The adapters the page offers: {"adapters": [{name, scale}]}, with "error" when the
         server's metrics cannot be read (the field still takes a name then)."""
-        if self.metrics_url is None:
-            return {"adapters": [], "error": "no metrics address (sd-client ui --metrics-url)"}
         try:
             choices = lora_choices(self.metrics_url)
         except (OSError, ValueError) as err:
@@ -323,7 +321,6 @@ def default_metrics_url(grpc_url: str) -> str:
     """Triton's default metrics address on the host of a gRPC address."""
     host = grpc_url.rsplit(":", 1)[0] if grpc_url.rsplit(":", 1)[-1].isdigit() else grpc_url
     return f"http://{host}:8002/metrics"
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,7 +169,7 @@ class UNetStage:
 
     def lora_defaults(self) -> dict[str, float]:
         """{name: scale without LORA_SCALE} of each adapter a request may name in LORA."""
-        return {name: spec.scale for name, spec in parse_lora_choices(self.config.lora_choices).items()}
+        return {} if self.adapters is None else {name: spec.scale for name, spec in self.adapters.choices.items()}
 
     def __call__(self, jobs: Sequence[DenoiseJob]) -> list[Any]:
         """One latent tensor (1, 4, h, w) per job, in order; None for a job whose stream

@@ -37,9 +37,9 @@ def test_sd_client_without_a_server_says_what_to_do(tmp_path, nowhere, args, pro
 
 def test_the_web_page_gets_the_same_words(nowhere):
     from sd_client import SDClient
-    from sd_client.ui import App
+    from sd_client.ui import App, default_metrics_url
 
-    app = App(SDClient(nowhere))
+    app = App(SDClient(nowhere), default_metrics_url(nowhere))
     job = app.start("a cat", {"steps": 2})
     job.thread.join(60)
     name, payload = job.events.get(timeout=1)

@@ -239,12 +239,12 @@ def test_a_deployment_without_adapters_offers_none(page, ui_url):
 
 
 def test_unreadable_metrics_leave_the_adapter_field_free_text():
+    from sd_backend.launcher import free_port
     from sd_client import SDClient
     from sd_client.ui import App, default_metrics_url
 
     assert default_metrics_url("gpu-node:8001") == "http://gpu-node:8002/metrics"
     assert default_metrics_url("10.0.0.7") == "http://10.0.0.7:8002/metrics"
-    from sd_backend.launcher import free_port
 
     url = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
     reply = App(SDClient("127.0.0.1:1"), url).adapters()
