@@ -149,6 +149,7 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
         # the entry models on stop and reload a model whose stub died
         "--model-control-mode=explicit",
         "--load-model=*",
+        f"--model-load-thread-count={load_threads(options.model_repository)}",
         # a unique shared-memory prefix lets several servers run on one host
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--backend-config=python,shm-default-byte-size={options.python_shm_mb * 1024 * 1024}",
@@ -159,6 +160,13 @@ def server_command(options: ServerOptions, binary: Path, backend_dir: Path | Non
     if backend_dir is not None:
         command.append(f"--backend-directory={backend_dir}")
     return command + options.extra_args
+
+
+def load_threads(repository: Path) -> int:
+    """One load thread per model of the repository (Triton's default is 4, fewer than the
+    five Python-backend models here): every stage loads at once, so the time to ready is the
+    slowest stage's load, not a queue of them."""
+    return max(4, sum(1 for _ in Path(repository).glob("*/config.pbtxt")))
 
 
 STOP_GRACE_S = 15  # past the deadline, how long the signalled server may take to exit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -150,7 +151,9 @@ class UNetStage:
     def from_config(cls, config: DeploymentConfig, instance_device: str | None = None, capture: bool = True) -> "UNetStage":
         """`capture=False` skips capturing the default request's loops at load."""
         source, device, dtype = loading.placement(config, instance_device)
+        start = time.perf_counter()
         unet = loading.load_unet(source, device, dtype)
+        log.info("UNet weights loaded onto %s in %.1f s", device, time.perf_counter() - start)
         family = loading.family(source)
         fuse_loras(unet, "unet", parse_loras(config.lora), family.is_sdxl)  # before the fast path patches it
         stage = cls(config, unet, loading.load_scheduler_config(source), family.vae_scale, device, dtype, family)

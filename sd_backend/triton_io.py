@@ -6,7 +6,11 @@ module, passed in because it only exists inside the backend stub.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable, Sequence
+
+log = logging.getLogger("sd_backend")
 
 
 def read_text(pb, request, name: str, required: bool = False, max_bytes: int | None = None) -> str | None:
@@ -242,9 +246,23 @@ def load_stage(stage_class, args, **options):
     from .config import DeploymentConfig
     from .repository import check_model_config
 
+    log_to_server()
+    start = time.perf_counter()
     config = DeploymentConfig.from_triton_args(args)
     check_model_config(json.loads(args["model_config"]), config)
-    return stage_class.from_config(config, instance_device(args), **options)
+    stage = stage_class.from_config(config, instance_device(args), **options)
+    log.info("%s loaded in %.1f s", args.get("model_instance_name", args.get("model_name")), time.perf_counter() - start)
+    return stage
+
+
+def log_to_server() -> None:
+    """sd_backend's log from INFO up to the stub's stderr, which the server's log collects
+    (load times, capture times, dispatch decisions); once per stub process."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d sd_backend %(levelname)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def instance_device(args) -> str | None:

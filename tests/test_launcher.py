@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sd_backend.launcher import ServerOptions, find_tritonserver, prepare_backend_dir, server_command
+from sd_backend.launcher import DEFAULT_MODEL_REPOSITORY, ServerOptions, find_tritonserver, prepare_backend_dir, server_command
 
 
 def test_backend_dir_uses_the_stub_of_this_python(tmp_path):
@@ -25,6 +25,13 @@ def test_server_binds_loopback_by_default(tmp_path):
     assert "--metrics-address=127.0.0.1" in command
     restricted = [arg for arg in command if arg.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
     assert len(restricted) == 2 and all("model-repository,shared-memory" in arg for arg in restricted)
+
+
+def test_every_model_of_the_repository_loads_at_once(tmp_path):
+    models = [p for p in DEFAULT_MODEL_REPOSITORY.iterdir() if (p / "config.pbtxt").is_file()]
+    assert len(models) > 4  # more than Triton's default of 4 load threads
+    command = server_command(ServerOptions(), tmp_path / "tritonserver", None, "x_")
+    assert f"--model-load-thread-count={len(models)}" in command
 
 
 def test_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir, tiny_dir):

@@ -62,6 +62,50 @@ def _noise_from(scheduler, buffers: list):
             module.randn_tensor = original
 
 
+def _signature(value):
+    """What a call's first-call work depends on: each tensor's shape, strides, dtype and
+    device, the other arguments' types (and the values of flags and names)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((k, _signature(v)) for k, v in sorted(value.items()))
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    return type(value).__name__
+
+
+@contextlib.contextmanager
+def once_per_signature(unet):
+    """For the warm-up pass before a capture: the UNet's forward runs once per call signature,
+    later calls of that signature get the first one's output. What the warm-up is for (cuDNN's
+    algorithm search, Triton's compiles and autotuning, the dispatch's `measure` timings,
+    lazy allocations) depends on the shapes alone, so one call of each shape does it all, and
+    the scheduler's steps (every op the capture will meet) still run in full; the warm-up's
+    output is dropped. The capture pass runs the real forward at every step."""
+    outputs = {}
+    own = unet.__dict__.get("forward")  # torch.compile's module keeps its own forward here
+    forward = unet.forward
+
+    def once(*args, **kwargs):
+        key = _signature((args, kwargs))
+        if key not in outputs:
+            outputs[key] = forward(*args, **kwargs)
+        return outputs[key]
+
+    unet.forward = once
+    try:
+        yield
+    finally:
+        if own is None:
+            del unet.forward
+        else:
+            unet.forward = own
+
+
 class CapturedLoop:
     """The denoising loop of one graph key as a CUDA graph with static buffers.
 
@@ -120,14 +164,18 @@ class CapturedLoop:
                 self.proper = torch.zeros((len(self.unet_timesteps),) + latent_shape, device=device, dtype=dtype)
 
         # warm up (autotuning, cuDNN algorithm search, lazy inits) on a side stream, then capture
+        start = time.perf_counter()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), once_per_signature(unet):
             self._loop()
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
+        self.warmup_s = time.perf_counter() - start
         self.step_graphs = step_graphs
         self.graphs, self.step_outputs = self._capture(pool, side)
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start - self.warmup_s
         self.output = self.step_outputs[-1]
         self.report_stream = torch.cuda.Stream(device)  # previews' arithmetic and copies, beside the replay
 
@@ -296,7 +344,8 @@ class LoopGraphs:
         seconds = self.capture(self.stage.check(seed=0), config.batch_buckets)
         for strength in config.fast_path.image_to_image_strengths:
             seconds += self.capture(self.stage.check(seed=0, strength=strength), config.batch_buckets)
-        log.info("captured %d denoising-loop graphs in %.1f s", len(self.loops), seconds)
+        warmup = sum(loop.warmup_s for loop in self.loops.values())
+        log.info("captured %d denoising-loop graphs in %.1f s (warm-up %.1f s)", len(self.loops), seconds, warmup)
 
     def find(self, params: GenerationParams, n: int, reports: bool = False) -> CapturedLoop | None:
         """The smallest captured bucket that holds n images of this key; with `reports`, only
