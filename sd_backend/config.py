@@ -183,9 +183,9 @@ class DeploymentConfig:
     77 tokens (a few hundred characters); a longer prompt is truncated and the tokens
     dropped reported. Checked before any work, and it sizes the server's message limits."""
 
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    batch_buckets: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     """Batch sizes the UNet loop is prepared for (CUDA-graph capture sizes on the GPU);
-    the largest is every model's max_batch_size, and the unet's preferred_batch_size."""
+    the largest is every model's max_batch_size and its batcher's preferred_batch_size."""
 
     opt_level: str = "eager"
     """`eager` (diffusers modules as they are), `compile` (torch.compile), `triton`

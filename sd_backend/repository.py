@@ -3,8 +3,9 @@
 Triton reads max_batch_size and the dynamic batcher's preferred sizes from each model's
 config.pbtxt, before any of this project's code runs; deployment.toml holds the batch
 buckets the UNet's loops are captured for. They must agree: every model takes batches up
-to the largest bucket (the ensemble passes its whole batch to each step) and the unet's
-batcher forms exactly the bucket sizes. Each model checks its own configuration at load
+to the largest bucket (the ensemble passes its whole batch to each step), and a batcher's
+preferred sizes are buckets (a batch of any other size is padded up to the next bucket's
+loop). Each model checks its own configuration at load
 (`check_model_config`) and `sd-triton serve` checks the whole repository before it starts
 the server (`check_repository`), so a disagreement fails loudly, naming both places.
 """
@@ -21,10 +22,6 @@ SERVED_MODELS = (
     "text_encoder", "vae_encoder", "unet", "vae", "stable_diffusion", "stable_diffusion_img2img", "stable_diffusion_inpaint",
     "stable_diffusion_stream",
 )
-# the model whose dynamic batcher forms the batches the captured loops are made for
-LOOP_MODEL = "unet"
-
-
 def model_config_problems(name: str, model_config: Mapping[str, Any], config: DeploymentConfig) -> list[str]:
     """What in one model's configuration (Triton's JSON form) disagrees with the deployment."""
     buckets = list(config.batch_buckets)
@@ -35,11 +32,7 @@ def model_config_problems(name: str, model_config: Mapping[str, Any], config: De
             f"{name}/config.pbtxt: max_batch_size is {max_batch}; {DEPLOYMENT_FILE}'s batch_buckets {buckets} need {buckets[-1]}"
         )
     preferred = [int(p) for p in model_config.get("dynamic_batching", {}).get("preferred_batch_size", [])]
-    if name == LOOP_MODEL and sorted(preferred) != buckets:
-        problems.append(
-            f"{name}/config.pbtxt: preferred_batch_size is {preferred}; it must be {DEPLOYMENT_FILE}'s batch_buckets {buckets}"
-        )
-    elif any(p not in buckets for p in preferred):
+    if any(p not in buckets for p in preferred):
         problems.append(
             f"{name}/config.pbtxt: preferred_batch_size {preferred} has sizes outside {DEPLOYMENT_FILE}'s batch_buckets {buckets}"
         )

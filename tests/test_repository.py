@@ -28,21 +28,21 @@ def copy(tmp_path):
 def test_the_shipped_repository_agrees_with_its_deployment():
     config = DeploymentConfig.load(REPOSITORY, environ={})
     assert repository_problems(REPOSITORY, config) == []
-    assert config.batch_buckets == (1, 2, 4, 8) and config.model == "tiny"
+    assert config.batch_buckets == (1, 2, 3, 4, 5, 6, 7, 8) and config.model == "tiny"
 
 
 def test_a_unet_batcher_off_the_buckets_is_named(copy):
     path = copy / "unet" / "config.pbtxt"
-    path.write_text(path.read_text().replace("preferred_batch_size: [ 1, 2, 4, 8 ]", "preferred_batch_size: [ 1, 2, 4 ]"))
+    path.write_text(path.read_text().replace("preferred_batch_size: [ 8 ]", "preferred_batch_size: [ 8, 10 ]"))
     problems = repository_problems(copy, DeploymentConfig.load(copy, environ={}))
     assert problems == [
-        "unet/config.pbtxt: preferred_batch_size is [1, 2, 4]; it must be deployment.toml's batch_buckets [1, 2, 4, 8]"
+        "unet/config.pbtxt: preferred_batch_size [8, 10] has sizes outside deployment.toml's batch_buckets [1, 2, 3, 4, 5, 6, 7, 8]"
     ]
 
 
 def test_buckets_changed_in_one_place_only_name_every_model(copy):
     path = copy / "deployment.toml"
-    path.write_text(path.read_text().replace("batch_buckets = [1, 2, 4, 8]", "batch_buckets = [1, 2]"))
+    path.write_text(path.read_text().replace("batch_buckets = [1, 2, 3, 4, 5, 6, 7, 8]", "batch_buckets = [1, 2]"))
     problems = repository_problems(copy, DeploymentConfig.load(copy, environ={}))
     for name in SERVED_MODELS:
         assert any(p.startswith(f"{name}/config.pbtxt: max_batch_size is 8") for p in problems), (name, problems)
@@ -63,5 +63,5 @@ def test_serve_refuses_a_repository_that_disagrees_before_starting_tritonserver(
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "unet/config.pbtxt: preferred_batch_size is [1, 2, 4, 8]" in result.stderr, result.stderr
+    assert "unet/config.pbtxt: preferred_batch_size [8] has sizes outside deployment.toml's batch_buckets [1, 2, 4]" in result.stderr, result.stderr
     assert "starting tritonserver" not in result.stdout
