@@ -72,21 +72,28 @@ class Recorder:
     def markdown(self) -> str:
         d = self.data
         lines = [f"# Served benchmark on {d['device']} x{d['gpus']}", "", f"`{d['command']}`", ""]
-        lines += ["| level | cold start to ready s | warm restart s | gRPC b1 s (median/min) | in-process b1 s | mixed img/s |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| level | cold start to ready s | warm restart s | gRPC b1 s (median/min) | in-process b1 s (median/min) | in-process img/s b4 / b8 | mixed img/s |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for level, r in d["levels"].items():
             b1, local, mixed = r.get("grpc_b1", {}), r.get("inprocess_b1", {}), r.get("mixed", {})
             lines.append(
-                f"| {level} | {r.get('ready_s', '')} | {r.get('restart_ready_s', '')} | "
-                f"{b1.get('median', '')} / {b1.get('min', '')} | {local.get('median', '')} | {mixed.get('images_per_s', '')} |"
+                f"| {level} | {r.get('ready_s', '')} | {r.get('restart_ready_s', '')} | {b1.get('median', '')} / {b1.get('min', '')} | "
+                f"{local.get('median', '')} / {local.get('min', '')} | {local.get('b4_images_per_s', '')} / {local.get('b8_images_per_s', '')} | "
+                f"{mixed.get('images_per_s', '')} |"
             )
-        lines += ["", "| level | input | concurrency | images/s | p50 s | p95 s | p99 s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| level | input | concurrency | images/s | p50 s | p95 s | p99 s | unet batches (size x runs); mean queue per request |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for level, r in d["levels"].items():
             for row in r.get("sweep", []) + r.get("sweep_extra", []):
                 tag = row.get("input", "main")
                 if "error" in row:
-                    lines.append(f"| {level} | {tag} | {row['concurrency']} | error: {row['error'][-80:]!r} | | | |")
+                    lines.append(f"| {level} | {tag} | {row['concurrency']} | error: {row['error'][-80:]!r} | | | | |")
                     continue
-                lines.append(f"| {level} | {tag} | {row['concurrency']} | {row['images_per_s']} | {row['p50_s']} | {row['p95_s']} | {row['p99_s']} |")
+                lines.append(
+                    f"| {level} | {tag} | {row['concurrency']} | {row['images_per_s']} | {row['p50_s']} | {row['p95_s']} | {row['p99_s']} | {_stages_cell(row)} |"
+                )
         for level, r in d["levels"].items():
             lines += stream_markdown(level, r) + _memory_markdown(level, r)
         return "\n".join(lines) + "\n"
@@ -110,11 +117,12 @@ def server_options(args, level: str) -> ServerOptions:
         "SD_OPT_LEVEL": level,
         "SD_CACHE_DIR": args.cache_dir,
         "SD_DEFAULT_STEPS": str(args.steps),
-        "SD_BATCH_BUCKETS": args.buckets,
     }
+    if args.buckets:
+        env["SD_BATCH_BUCKETS"] = args.buckets
     if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
-    return ServerOptions.on_free_ports(env=env, python_shm_mb=64)
+    return ServerOptions.on_free_ports(env=env, python_shm_mb=64, model_repository=Path(args.model_repository))
 
 
 def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:
@@ -139,6 +147,7 @@ def sweep(url: str, levels: list[int], out: Path, tag: str, deadline: float, per
     binary, env = perf_analyzer()
     rows = []
     for c in levels:
+        before = stage_stats(url)
         if time.monotonic() > deadline:
             print(f"skipping concurrency {c}: deadline", flush=True)
             break
@@ -164,8 +173,53 @@ def sweep(url: str, levels: list[int], out: Path, tag: str, deadline: float, per
             "images_per_s": round(float(row["Inferences/Second"]), 3),
             "p50_s": us("p50 latency"), "p95_s": us("p95 latency"), "p99_s": us("p99 latency"),
             "server_queue_s": us("Server Queue"), "server_compute_s": round((float(row["Server Compute Input"]) + float(row["Server Compute Infer"]) + float(row["Server Compute Output"])) / 1e6, 3),
+            "stages": stats_delta(before, stage_stats(url)),
         })
     return rows
+
+
+STAGES = ("text_encoder", "unet", "vae")
+
+
+def stage_stats(url: str) -> dict:
+    """Triton's statistics of each stage: executions per batch size, requests, their queue time."""
+    from tritonclient.grpc import InferenceServerClient
+
+    client = InferenceServerClient(url)
+    try:
+        out = {}
+        for model in STAGES:
+            stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+            queue = stats.get("inference_stats", {}).get("queue", {})
+            batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+            out[model] = {"batches": batches, "requests": int(queue.get("count", 0)), "queue_ns": int(queue.get("ns", 0))}
+        return out
+    finally:
+        client.close()
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """What ran between two stage_stats: {model: {"batches": {size: executions}, "queue_ms": mean per request}}."""
+    rows = {}
+    for model, now in after.items():
+        then = before[model]
+        batches = {size: n - then["batches"].get(size, 0) for size, n in sorted(now["batches"].items())}
+        requests = now["requests"] - then["requests"]
+        rows[model] = {
+            "batches": {size: n for size, n in batches.items() if n},
+            "queue_ms": round((now["queue_ns"] - then["queue_ns"]) / max(requests, 1) / 1e6, 2),
+        }
+    return rows
+
+
+def _stages_cell(row: dict) -> str:
+    """`unet 8x12 4x1; queue ms text_encoder 1.9, unet 30.1, vae 0.4`."""
+    stages = row.get("stages")
+    if not stages:
+        return ""
+    unet = " ".join(f"{size}x{n}" for size, n in stages["unet"]["batches"].items())
+    queues = ", ".join(f"{model} {s['queue_ms']}" for model, s in stages.items())
+    return f"unet {unet}; queue ms {queues}"
 
 
 def mixed(url: str, per_kind: int, concurrency: int) -> dict:
@@ -235,8 +289,8 @@ def in_process(args, level: str) -> dict:
     from sd_backend.config import DeploymentConfig
     from sd_backend.engine import Engine
 
-    config = DeploymentConfig(model=args.model, cache_dir=args.cache_dir, opt_level=level, default_steps=args.steps,
-                              batch_buckets=tuple(int(b) for b in args.buckets.split(",")))
+    # the served repository's deployment, as its server ran it
+    config = DeploymentConfig.load(Path(args.model_repository), environ=server_options(args, level).env)
     engine = Engine(config)
     engine.generate([PROMPT], seed=0)
     times = []
@@ -247,10 +301,19 @@ def in_process(args, level: str) -> dict:
         engine.generate([PROMPT], seed=i)
         sync()
         times.append(time.perf_counter() - began)
+    rates = {}
+    for batch in (4, 8):  # the rates the served concurrency sweep is held against
+        engine.generate([PROMPT] * batch, seed=0)
+        sync()
+        began = time.perf_counter()
+        for i in range(3):
+            engine.generate([PROMPT] * batch, seed=i)
+        sync()
+        rates[f"b{batch}_images_per_s"] = round(3 * batch / (time.perf_counter() - began), 3)
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4)}
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4), **rates}
 
 
 def main() -> None:
@@ -258,7 +321,7 @@ def main() -> None:
     parser.add_argument("--model", default="sd15-random")
     parser.add_argument("--levels", default="triton")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--buckets", default="1,2,4,8")
+    parser.add_argument("--buckets", default="", help="batch_buckets (default: the deployment's)")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--perf-input", default=str(ROOT / "client" / "perf_input.json"))
@@ -273,6 +336,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of: restart, inprocess, mixed, sweep, stream")
     parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
     parser.add_argument("--cache-dir", default="/tmp/sd-cache")
+    parser.add_argument("--model-repository", default=str(ROOT / "model_repository"), help="the repository served (a variant's copy)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--deadline-s", type=float, default=3600)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
