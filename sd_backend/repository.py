@@ -22,6 +22,8 @@ SERVED_MODELS = (
     "text_encoder", "vae_encoder", "unet", "vae", "stable_diffusion", "stable_diffusion_img2img", "stable_diffusion_inpaint",
     "stable_diffusion_stream",
 )
+
+
 def model_config_problems(name: str, model_config: Mapping[str, Any], config: DeploymentConfig) -> list[str]:
     """What in one model's configuration (Triton's JSON form) disagrees with the deployment."""
     buckets = list(config.batch_buckets)

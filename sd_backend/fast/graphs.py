@@ -174,8 +174,6 @@ class CapturedLoop:
         self.warmup_s = time.perf_counter() - start
         self.step_graphs = step_graphs
         self.graphs, self.step_outputs = self._capture(pool, side)
-        torch.cuda.synchronize(device)
-        self.capture_s = time.perf_counter() - start - self.warmup_s
         self.output = self.step_outputs[-1]
         self.report_stream = torch.cuda.Stream(device)  # previews' arithmetic and copies, beside the replay
 
