@@ -1,6 +1,6 @@
 """The project's other packages, when it runs from a source checkout that was not installed.
 
-pyproject.toml installs the folders `kernels/` and `client/` as `sd_kernels` and `sd_client`.
+pyproject.toml installs the folder `client/` as `sd_client` (`sd_kernels/` is its own name).
 Where only the checkout is on sys.path (the GPU host, a model repository served from a plain
 checkout) this finder maps the same names to the same folders, as setuptools' editable
 installs do. It comes after every other finder, so an installed package always wins.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # installed name -> its folder in the checkout (the same mapping as pyproject.toml's package-dir)
-PACKAGE_FOLDERS = {"sd_kernels": "kernels", "sd_client": "client"}
+PACKAGE_FOLDERS = {"sd_client": "client"}
 
 
 class _CheckoutFinder(importlib.abc.MetaPathFinder):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import sd_backend  # noqa: F401  (its finder maps sd_kernels and sd_client to a checkout's folders)
+import sd_backend  # noqa: F401  (its finder maps sd_client to a checkout's folder)
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 

@@ -81,7 +81,7 @@ def test_layers_import_only_downwards():
             continue
         for target in _imports(name, path, modules):
             assert target.startswith(below[layer]), f"{name} ({layer}) imports {target}"
-    for path in (ROOT / "kernels").rglob("*.py"):
+    for path in (ROOT / "sd_kernels").rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
@@ -90,7 +90,7 @@ def test_layers_import_only_downwards():
 
 def test_no_environment_reads_in_kernels_or_patched_modules():
     """Options are arguments: only the config loader and the process edges read the environment."""
-    for folder in (ROOT / "kernels", ROOT / "sd_backend" / "fast"):
+    for folder in (ROOT / "sd_kernels", ROOT / "sd_backend" / "fast"):
         for path in folder.rglob("*.py"):
             text = path.read_text()
             reads = [word for word in ("os.environ", "getenv") if word in text]

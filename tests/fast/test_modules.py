@@ -231,7 +231,7 @@ def test_patch_imports_and_runs_on_cpu_without_triton():
             "    assert 'triton' in str(e), e",
             "else:",
             "    raise AssertionError('expected ImportError')",
-            "import transformers.modeling_utils  # probes `kernels`, which from the checkout is this folder",
+            "import transformers.modeling_utils  # imports Hugging Face's `kernels` where it is installed: no folder of the checkout shadows it",
         ]
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

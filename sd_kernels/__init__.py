@@ -1,4 +1,4 @@
-"""OpenAI-Triton ops for the Stable Diffusion UNet and VAE, installed as `sd_kernels`.
+"""OpenAI-Triton ops for the Stable Diffusion UNet and VAE (`sd_kernels`).
 
 One op per module, in the order of Triton's tutorials (the math as a docstring, the
 @triton.jit kernels, a launcher that checks and launches, a plain-torch `<op>_reference`):
@@ -7,8 +7,8 @@ bias_residual. Tensors in, tensors out: sd_backend.fast.modules swaps them into 
 modules.
 
 An op's module (and OpenAI Triton) is imported when the op is first used, not with this
-package: from a checkout's root this folder is also importable as `kernels`, the name of
-Hugging Face's kernel-hub package, which transformers imports to probe for it.
+package. (The folder was `kernels/`, which from a checkout's root shadowed Hugging Face's
+kernel-hub package of that name: transformers 5.25 installs it and imports from it.)
 """
 
 import importlib
