@@ -111,7 +111,8 @@ def _memory_markdown(level: str, r: dict) -> list[str]:
     return [""] + lines if lines else []
 
 
-def server_options(args, level: str) -> ServerOptions:
+def deployment_env(args, level: str) -> dict[str, str]:
+    """The SD_* settings a level's server runs with (the in-process engine reads the same)."""
     env = {
         "SD_MODEL": args.model,
         "SD_OPT_LEVEL": level,
@@ -122,7 +123,11 @@ def server_options(args, level: str) -> ServerOptions:
         env["SD_BATCH_BUCKETS"] = args.buckets
     if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
-    return ServerOptions.on_free_ports(env=env, python_shm_mb=64, model_repository=Path(args.model_repository))
+    return env
+
+
+def server_options(args, level: str) -> ServerOptions:
+    return ServerOptions.on_free_ports(env=deployment_env(args, level), python_shm_mb=64, model_repository=Path(args.model_repository))
 
 
 def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:
@@ -147,10 +152,10 @@ def sweep(url: str, levels: list[int], out: Path, tag: str, deadline: float, per
     binary, env = perf_analyzer()
     rows = []
     for c in levels:
-        before = stage_stats(url)
         if time.monotonic() > deadline:
             print(f"skipping concurrency {c}: deadline", flush=True)
             break
+        before = stage_stats(url)
         report = out / f"perf_{tag}_c{c}.csv"
         command = [
             binary, "-m", "stable_diffusion", "-i", "grpc", "-u", url,
@@ -290,7 +295,7 @@ def in_process(args, level: str) -> dict:
     from sd_backend.engine import Engine
 
     # the served repository's deployment, as its server ran it
-    config = DeploymentConfig.load(Path(args.model_repository), environ=server_options(args, level).env)
+    config = DeploymentConfig.load(Path(args.model_repository), environ=deployment_env(args, level))
     engine = Engine(config)
     engine.generate([PROMPT], seed=0)
     times = []
