@@ -51,7 +51,7 @@ MIXED = [  # (steps, height, width, scheduler)
     (50, 512, 512, "dpmpp_2m"),
 ]
 # seconds the sweeps leave for what follows: the stream section, each extra perf_analyzer run, the rest
-STREAM_RESERVE_S, EXTRA_RESERVE_S, REST_RESERVE_S = 150, 90, {"mixed": 60, "inprocess": 60, "restart": 60}
+STREAM_RESERVE_S, EXTRA_RESERVE_S, REST_RESERVE_S = 180, 90, {"mixed": 60, "inprocess": 60, "restart": 60}
 
 
 class Recorder:
@@ -123,7 +123,7 @@ def deployment_env(args, level: str) -> dict[str, str]:
         env["SD_BATCH_BUCKETS"] = args.buckets
     if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
-    return env
+    return env | dict(setting.partition("=")[::2] for setting in args.env)
 
 
 def server_options(args, level: str) -> ServerOptions:
@@ -342,6 +342,8 @@ def main() -> None:
     parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
     parser.add_argument("--cache-dir", default="/tmp/sd-cache")
     parser.add_argument("--model-repository", default=str(ROOT / "model_repository"), help="the repository served (a variant's copy)")
+    parser.add_argument("--env", action="append", default=[], metavar="SD_NAME=VALUE",
+                        help="a deployment setting for the server and the in-process engine, e.g. SD_FAST_PATH_CUDNN_SEARCH=false")
     parser.add_argument("--tag", default="")
     parser.add_argument("--deadline-s", type=float, default=3600)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -352,6 +354,8 @@ def main() -> None:
     skip = set(args.skip.split(","))
     if bad := [e for e in args.extra_perf_input if not all(e.partition("="))]:
         parser.error(f"--extra-perf-input: {bad[0]!r} is not NAME=PATH")
+    if bad := [e for e in args.env if not e.startswith("SD_") or not all(e.partition("="))]:
+        parser.error(f"--env: {bad[0]!r} is not SD_NAME=VALUE")
     extra_levels = [int(c) for c in args.extra_concurrency.split(",") if c]
     # seconds each step leaves for the steps after it on the same server, and after the server
     rest = sum(seconds for part, seconds in REST_RESERVE_S.items() if part not in skip)

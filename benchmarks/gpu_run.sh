@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host, from the repo root (carry .whl): GPU tests, kernel microbenchmarks
 # and the end-to-end benchmark, results under $OUT (or benchmarks/results).
-#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [vae-memory] [e2e "SYSTEMS [ARGS]"] [served "ARGS"] [soak "ARGS"]
+#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [vae-memory] [e2e "SYSTEMS [ARGS]"] [capture "ARGS"] [served "ARGS"] [soak "ARGS"]
 #                              [soak-start "ARGS"]
 # soak-start runs the soak in its own process session (it outlives this command; results
 # under /tmp/soak) and returns once the server answers; collect with benchmarks/soak_wait.sh.
@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
       rm -rf /tmp/soak && mkdir -p /tmp/soak
       setsid nohup bash -c "python3 benchmarks/soak.py --stub-path /tmp/np1 --out /tmp/soak $2 > /tmp/soak/soak.log 2>&1; echo \$? > /tmp/soak/rc" > /dev/null 2>&1 < /dev/null &
       bash benchmarks/soak_wait.sh 600 first; shift ;;
+    capture) python3 benchmarks/bench_capture.py --out "$OUT" $2 2>&1 | tee "$OUT/bench_capture.log" | tail -20; shift ;;
     e2e) python3 benchmarks/bench_e2e.py --systems $2 --out "$OUT" 2>&1 | tee "$OUT/bench_e2e.log" | tail -40; shift ;;
   esac
   shift

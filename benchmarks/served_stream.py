@@ -1,6 +1,7 @@
 """The streaming model beside the ensemble, for bench_served.py: batch-1 `SDClient.stream` against
 `SDClient.generate`, images/s with concurrent clients on each path, how soon the next request
-starts after a cancel, and the markdown of those results. Imported by bench_served.py from this
+starts after a cancel, the web page's time per image (served_page.py), and the markdown of
+those results. Imported by bench_served.py from this
 folder (the script's own, first on sys.path), after it has put the checkout on sys.path.
 """
 
@@ -11,6 +12,7 @@ import math
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def stream_markdown(level: str, r: dict) -> list[str]:
     """The stream section's tables for one level; a part that failed or was skipped, in a line."""
-    parts = {key: r[key] for key in ("stream_b1", "stream_concurrency", "stream_cancel") if key in r}
+    parts = {key: r[key] for key in ("stream_b1", "stream_concurrency", "stream_cancel", "page_b1") if key in r}
     lines = ["", f"Streaming model beside the ensemble, {level}: {json.dumps(r.get('stream_b1', {}).get('request', ''))}"] if parts else []
     for key, p in parts.items():
         lines.append("")
@@ -43,6 +45,12 @@ def stream_markdown(level: str, r: dict) -> list[str]:
             lines += _table(["path", "clients", "requests each", "images/s", "seconds", "failed"],
                             [[x["path"], x["clients"], x.get("per_client", ""), x.get("images_per_s", x.get("skipped")), x.get("seconds", ""),
                               x.get("failed", "")] for x in p])
+        elif key == "page_b1":
+            lines += ["The web page's requests through `sd-client ui`, as its script makes them (no browser):", ""]
+            lines += _table(["generate b1 s", "page b1 s (POST to done event)", "its stream's latency s", "POST to first progress s",
+                             "(progress, previews) events", "max pixel diff"],
+                            [[p["generate_s"], p["page_s"], p["page_stream_latency_s"], p["first_progress_s"], p["progress_and_previews"],
+                              p["max_pixel_diff"]]])
         else:
             lines += _table(["cancel at step", "cancel to Cancelled s", "cancel to next stream's first progress s", "cancel to next generate's image s"],
                             [[f"{p['cancel_at']} of {p['steps']}", p["to_cancelled_s"], p["to_next_stream_first_progress_s"], p["to_next_generate_done_s"]]])
@@ -217,3 +225,7 @@ def stream_section(record: Recorder, level: str, url: str, args, deadline: float
     trials = min(3, args.repeats)  # a trial: two cancelled streams (10 steps each), a stream and a generate of 50
     needs = 30 + trials * 120 / args.steps * b1["stream_s"]
     _attempt(record, level, "stream_cancel", lambda: cancel_then_next(url, params, trials), needs, deadline)
+    from served_page import page_b1  # (benchmarks/; it imports this module)
+
+    log = Path(args.out) / f"ui-{level}.log"
+    _attempt(record, level, "page_b1", lambda: page_b1(url, params, args.repeats, log), 15 + 2 * args.repeats * b1["stream_s"], deadline)

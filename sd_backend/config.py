@@ -65,6 +65,17 @@ class FastPathOptions:
     graphs, and the ensemble's requests replay them without waiting. False: the whole loop as
     one graph, and progress requests run the loop step by step without graphs."""
 
+    unet_graph: bool = True
+    """With step_graphs and loop_constants, a loop's UNet call is recorded once, as its own
+    CUDA graph, and every step replays it between its scheduler work's two graphs
+    (sd_backend.fast.unet_graph): a loop records in about a fiftieth of the time and keeps
+    one UNet's graph, not one per step. False records the UNet into every step's graph."""
+
+    cudnn_search: bool = True
+    """cuDNN times its algorithms for each new convolution shape (`cudnn.benchmark`) the
+    first time it meets it, at warm-up, and keeps the fastest for the process; False takes
+    its heuristics' choice untimed (no search at start-up; the choice may run slower)."""
+
     split_head_dim: bool = True
     """Attention head_dim 80 and 160 as two exact power-of-two column blocks (64 + 16,
     128 + 32) instead of one padded block (128, 256)."""

@@ -15,7 +15,9 @@ the same image on the graph path as on the eager one.
 Per-step graphs are captured in one pass of the loop, in the order they replay, sharing the
 memory pool, so each step reads what the one before it left; each step's output latents stay
 allocated, which lets a replay report progress (and previews) after every step: the host
-waits for step i's event while steps i+1 .. i+LOOKAHEAD already run on the GPU.
+waits for step i's event while steps i+1 .. i+LOOKAHEAD already run on the GPU. With the
+step-invariant work hoisted, the UNet's call is recorded once per loop and each step replays
+it between two graphs of its own (sd_backend.fast.unet_graph).
 """
 
 from __future__ import annotations
@@ -111,10 +113,13 @@ class CapturedLoop:
 
     stage: the UNetStage (its unet, scheduler_config, vae_scale, device, dtype).
     hoist: make the loop's step-invariant work once per replay (sd_backend.fast.step_constants).
-    step_graphs: one graph per step (progress can be reported between them), else one graph.
+    step_graphs: graphs per step (progress can be reported between them), else one graph.
+    unet_pool: with hoist and step_graphs, the memory pool of the UNet's own graph, recorded
+        once and replayed by every step (sd_backend.fast.unet_graph); None records the UNet
+        into every step's graph.
     """
 
-    def __init__(self, stage, bucket: int, params: GenerationParams, pool, hoist: bool, step_graphs: bool = True):
+    def __init__(self, stage, bucket: int, params: GenerationParams, pool, hoist: bool, step_graphs: bool = True, unet_pool=None):
         import torch
 
         self.stage = stage
@@ -173,43 +178,63 @@ class CapturedLoop:
         torch.cuda.synchronize(device)
         self.warmup_s = time.perf_counter() - start
         self.step_graphs = step_graphs
-        self.graphs, self.step_outputs = self._capture(pool, side)
+        self.unet_call = None  # the SharedUNetCall whose graph the steps replay, if any
+        start = time.perf_counter()
+        self.graphs, self.step_outputs = self._capture(pool, side, unet_pool if self.hoist and step_graphs else None)
+        self.record_s = time.perf_counter() - start
         self.output = self.step_outputs[-1]
         self.report_stream = torch.cuda.Stream(device)  # previews' arithmetic and copies, beside the replay
 
-    def _capture(self, pool, stream):
-        """(graphs, each step's output latents): the loop captured on `stream`, cut after
-        every step with step_graphs (only the last step's output is kept without)."""
+    def _capture(self, pool, stream, unet_pool):
+        """(graphs, each step's output latents): the loop captured on `stream`; graphs[i] is
+        step i's graphs in replay order (one graph for the whole loop without step_graphs,
+        and only the last step's output kept). With `unet_pool` the UNet's call is its own
+        graph, recorded at the first step, between each step's two graphs."""
         import gc
 
         import torch
 
         graphs, outputs = [], []
 
-        def begin():
-            graphs.append(torch.cuda.CUDAGraph())
-            graphs[-1].capture_begin(pool=pool)
+        def begin() -> None:
+            graphs[-1].append(torch.cuda.CUDAGraph())
+            graphs[-1][-1].capture_begin(pool=pool)
 
-        def cut(index: int, total: int, latents) -> None:  # a denoise callback: end this step's graph
+        def split(unet_graph) -> None:  # the UNet's call: the step's graph so far, then the UNet's
+            graphs[-1][-1].capture_end()
+            graphs[-1].append(unet_graph())
+            begin()
+
+        def cut(index: int, total: int, latents) -> None:  # a denoise callback: end this step's graphs
             outputs.append(latents)
-            graphs[-1].capture_end()
+            graphs[-1][-1].capture_end()
             if index + 1 < total:
+                graphs.append([])
                 begin()
+
+        def shared(constants):
+            from .unet_graph import SharedUNetCall
+
+            self.unet_call = SharedUNetCall(constants, unet_pool, split)
+            return self.unet_call
 
         gc.collect()
         with torch.cuda.stream(stream):
             if self.step_graphs:
+                graphs.append([])
                 begin()
-                self._loop(callback=cut)
+                self._loop(callback=cut, wrap=shared if unet_pool is not None else None)
             else:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     outputs.append(self._loop())
-                graphs.append(graph)
+                graphs.append([graph])
         torch.cuda.current_stream(self.stage.device).wait_stream(stream)
         return graphs, outputs
 
-    def _loop(self, callback=None):
+    def _loop(self, callback=None, wrap=None):
+        """The eager loop on the static buffers (what warm-up runs and capture records);
+        `wrap(constants)` stands in for the loop's StepConstants."""
         from .step_constants import StepConstants
 
         scheduler = make_scheduler(self.scheduler_name, self.stage.scheduler_config)
@@ -220,6 +245,8 @@ class CapturedLoop:
                 scheduler.set_begin_index(self.begin)
             timesteps = scheduler.timesteps[self.begin :]
         constants = StepConstants(self.stage.unet, self.unet_timesteps, self.embeds, self.added) if self.hoist else None
+        if constants is not None and wrap is not None:
+            constants = wrap(constants)
         inpaint = None
         if self.mask is not None:  # a new one per pass: a guidance cutoff narrows its rows as the loop runs
             from ..inpaint import Inpainting
@@ -261,8 +288,9 @@ class CapturedLoop:
         if self.scheduler_name in _NOISY:
             self.noise[:, :n].copy_(self._draw_noise(generators, n))
         if callback is None:
-            for graph in self.graphs:
-                graph.replay()
+            for step in self.graphs:
+                for graph in step:
+                    graph.replay()
         else:
             self._replay_reporting(n, callback)
         return self.output[:n].clone()
@@ -275,7 +303,8 @@ class CapturedLoop:
         total, done = len(self.graphs), []
 
         def launch(index: int) -> None:
-            self.graphs[index].replay()
+            for graph in self.graphs[index]:
+                graph.replay()
             done.append(torch.cuda.Event())
             done[-1].record()
 
@@ -313,13 +342,15 @@ def _fill(static, given, n: int, halves: int) -> None:
 class LoopGraphs:
     """Captured loops of a UNetStage, sharing one memory pool; eager for keys not captured."""
 
-    def __init__(self, stage, hoist: bool, step_graphs: bool = True):
+    def __init__(self, stage, hoist: bool, step_graphs: bool = True, unet_graph: bool = True):
         import torch
 
         self.stage = stage
         self.hoist = hoist
         self.step_graphs = step_graphs
         self.pool = torch.cuda.graph_pool_handle()
+        # the UNet graphs' own pool (sd_backend.fast.unet_graph), shared by every loop's
+        self.unet_pool = torch.cuda.graph_pool_handle() if unet_graph else None
         self.loops: dict[tuple, CapturedLoop] = {}
 
     def capture(self, params: GenerationParams, buckets: Sequence[int]) -> float:
@@ -328,7 +359,7 @@ class LoopGraphs:
         for bucket in sorted(buckets):
             key = (bucket,) + params.loop_key()
             if key not in self.loops:
-                self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist, self.step_graphs)
+                self.loops[key] = CapturedLoop(self.stage, bucket, params, self.pool, self.hoist, self.step_graphs, self.unet_pool)
         return time.perf_counter() - start
 
     def capture_defaults(self) -> None:
@@ -343,7 +374,8 @@ class LoopGraphs:
         for strength in config.fast_path.image_to_image_strengths:
             seconds += self.capture(self.stage.check(seed=0, strength=strength), config.batch_buckets)
         warmup = sum(loop.warmup_s for loop in self.loops.values())
-        log.info("captured %d denoising-loop graphs in %.1f s (warm-up %.1f s)", len(self.loops), seconds, warmup)
+        record = sum(loop.record_s for loop in self.loops.values())
+        log.info("captured %d denoising-loop graphs in %.1f s (warm-up %.1f s, recording %.1f s)", len(self.loops), seconds, warmup, record)
 
     def find(self, params: GenerationParams, n: int, reports: bool = False) -> CapturedLoop | None:
         """The smallest captured bucket that holds n images of this key; with `reports`, only

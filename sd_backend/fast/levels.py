@@ -34,7 +34,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     if stage.device.type != "cuda":
         log.warning("opt_level %s needs a GPU; running eager on %s", level, stage.device)
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = config.fast_path.cudnn_search
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True
     stage.unet.to(memory_format=torch.channels_last)
     hoist = False
@@ -55,7 +55,7 @@ def optimize_unet_stage(stage, capture: bool = True) -> None:
     elif level == "deepspeed":
         stage.unet = inject_deepspeed(stage.unet)
     if level in ("triton", "deepspeed"):
-        stage.graphs = LoopGraphs(stage, hoist, config.fast_path.step_graphs)
+        stage.graphs = LoopGraphs(stage, hoist, config.fast_path.step_graphs, config.fast_path.unet_graph)
         if capture:
             stage.graphs.capture_defaults()
             remember(stage.fast_path)  # every shape of the default loops met: a restart reuses them
@@ -70,7 +70,7 @@ def optimize_vae_stage(stage, config: DeploymentConfig) -> None:
     options = config.fast_path
     if stage.device.type != "cuda" or config.opt_level != "triton" or not options.optimize_vae:
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = options.cudnn_search
     stage.vae.to(memory_format=torch.channels_last)
     ops = tuple(op for op in options.kernels if op in _VAE_OPS)
     if ops:

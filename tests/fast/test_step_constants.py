@@ -129,6 +129,31 @@ def test_bindings_hold_for_one_call_only(unet):
             constants.unet_step(3, sample)
 
 
+def test_a_call_on_copies_of_a_steps_rows_is_that_step_to_the_bit(unet):
+    """What the UNet's shared graph does (sd_backend.fast.unet_graph): each step's sample,
+    timestep and table rows copied into one set of buffers, then the same call on those.
+    Same values, same kernels: the same output to the bit, and another step's rows differ."""
+    sample, context = _inputs()
+    constants = StepConstants(unet, TIMESTEPS, context)
+    assert constants.tables
+    static_sample, static_t = torch.empty_like(sample), torch.empty_like(TIMESTEPS[0])
+    rows = [torch.empty_like(table[0]) for table in constants.tables]
+    with torch.inference_mode():
+        for step in range(len(TIMESTEPS)):
+            static_sample.copy_(sample)
+            static_t.copy_(TIMESTEPS[step])
+            for row, table in zip(rows, constants.tables):
+                row.copy_(table[step])
+            with constants.holding(rows):
+                shared = constants.call(static_sample, static_t)
+            assert torch.equal(shared, constants.unet_step(step, sample)), step
+        assert not torch.equal(shared, constants.unet_step(0, sample))
+        assert all(getattr(owner, name) is None for owner, name, _ in constants._tables + constants._constants)
+        with pytest.raises(ValueError, match="2 rows for"):
+            with constants.holding(rows[:2]):
+                pass
+
+
 def test_outside_a_loop_the_patched_unet_is_exact():
     """No loop bound: the swapped time-embedding modules compute what diffusers' do."""
     plain = tiny_unet()

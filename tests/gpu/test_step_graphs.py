@@ -1,6 +1,8 @@
-"""The captured loop as one CUDA graph per step: the same latents as the whole loop in one
-graph, a report after every step while the next steps run, a report that raises stops the
-replay, and the streaming model's jobs run on these graphs. Skips without CUDA."""
+"""The captured loop as CUDA graphs per step: the same latents as the whole loop in one
+graph, the UNet's call recorded once and replayed by every step (the same latents as the
+UNet recorded into every step's graph), a report after every step while the next steps run,
+a report that raises stops the replay, and the streaming model's jobs run on these graphs.
+Skips without CUDA."""
 
 from __future__ import annotations
 
@@ -68,6 +70,26 @@ def test_step_graphs_give_the_whole_loop_graphs_latents(stage, scheduler):
         stage.graphs = graphs
     assert len(graphs.find(jobs[0].params, 3).graphs) == len(graphs.find(jobs[0].params, 3).step_outputs) >= STEPS
     assert torch.equal(steps, one_graph)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_step_replays_one_unet_graph_with_the_per_step_recordings_latents(stage, scheduler):
+    jobs = _jobs(stage, scheduler, [3, 4, 5])
+    loop = stage.graphs.find(jobs[0].params, 3)
+    assert stage.graphs.hoist and loop.unet_call is not None
+    assert all(len(step) == 3 and step[1] is loop.unet_call.graph for step in loop.graphs)
+    shared = torch.cat(stage(jobs))
+    per_step = LoopGraphs(stage, stage.graphs.hoist, unet_graph=False)
+    per_step.capture(jobs[0].params, (4,))
+    graphs, stage.graphs = stage.graphs, per_step
+    try:
+        recorded = per_step.find(jobs[0].params, 3)
+        assert recorded.unet_call is None and all(len(step) == 1 for step in recorded.graphs)
+        every_step = torch.cat(stage(jobs))
+    finally:
+        stage.graphs = graphs
+    assert torch.equal(shared, every_step)
+    assert not torch.equal(shared[0], shared[1])
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)

@@ -1,0 +1,151 @@
+"""What capturing the UNet stage's loops costs at load, and what the captured loops then
+run at: each variant in a fresh process, on the deployment's default request (sd15-random:
+512², 50 PNDM steps, guidance 7.5) at every batch bucket.
+
+    python benchmarks/bench_capture.py --variants triton,triton,triton-unetperstep,triton-heuristics
+
+A variant is a bench_e2e system name (`triton` with FastPathOptions suffixes, e.g.
+`-unetperstep`, `-heuristics`). The first variant also fills the deployment's caches
+(Triton's kernels, the kernel-dispatch decisions), so list it twice to see a restart's
+figures for it. Per variant: CUDA's start and the load, warm-up and recording seconds, GPU
+memory once captured, batch-1 seconds and batch-8 images/s of the UNet stage alone, and how
+far its latents are from those of variant number --reference (cuDNN's timed search may pick
+other algorithms in another process, so equal only where both took the same). Each child's log goes to
+<out>/capture-<n>.log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from record import result_path  # noqa: E402
+
+
+def child(args) -> dict:
+    import torch
+
+    from e2e_systems import options_for, sync_time
+    from sd_backend.config import DeploymentConfig
+    from sd_backend.offline import write_offline_model
+    from sd_backend.stages import DenoiseJob, UNetStage
+
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
+    model_dir = write_offline_model(args.model, Path(args.cache_dir) / args.model)
+    buckets = tuple(int(b) for b in args.buckets.split(","))
+    config = DeploymentConfig(model=str(model_dir), cache_dir=args.cache_dir, opt_level="triton", fast_path=options_for(args.child), batch_buckets=buckets)
+    start = time.perf_counter()
+    torch.zeros(1, device="cuda")
+    cuda_s = time.perf_counter() - start
+    start = time.perf_counter()
+    stage = UNetStage.from_config(config, capture=False)
+    load_s = time.perf_counter() - start
+    params = stage.check(seed=0)
+    per_bucket = {}
+    for bucket in buckets:
+        stage.graphs.capture(params, (bucket,))
+        loop = stage.graphs.find(params, bucket)
+        per_bucket[bucket] = {"warmup_s": round(loop.warmup_s, 3), "record_s": round(loop.record_s, 3)}
+    torch.cuda.synchronize()
+    hidden = stage.unet.config.cross_attention_dim
+
+    def jobs(seeds):
+        out = []
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            out.append(DenoiseJob(stage.check(seed=s), *(torch.randn(77, hidden, generator=g) for _ in range(2))))
+        return out
+
+    def timed(seeds) -> float:
+        t0 = sync_time()
+        stage(jobs(seeds))
+        return sync_time() - t0
+
+    timed([0])
+    batch1 = statistics.median(timed([1 + r]) for r in range(args.repeats))
+    biggest = max(buckets)
+    timed(list(range(biggest)))
+    rate = biggest / min(timed(list(range(100 + r * biggest, 100 + (r + 1) * biggest))) for r in range(2))
+    latents = torch.cat(stage(jobs([5, 6, 7]))).cpu()
+    torch.save(latents, args.latents)
+    return {
+        "variant": args.child, "cuda_s": round(cuda_s, 2), "load_s": round(load_s, 2), "buckets": per_bucket,
+        "warmup_s": round(sum(b["warmup_s"] for b in per_bucket.values()), 2),
+        "record_s": round(sum(b["record_s"] for b in per_bucket.values()), 2),
+        "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 2), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2),
+        "batch1_s": round(batch1, 4), f"batch{biggest}_images_per_s": round(rate, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="triton,triton,triton-unetperstep,triton:heuristics")
+    parser.add_argument("--model", default="sd15-random")
+    parser.add_argument("--buckets", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sd-triton"))
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reference", type=int, default=0, help="the variant (by position) whose latents the others are compared with")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--latents", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+
+    import torch
+
+    rows, saved = [], {}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(args.variants.split(",")):
+            latents = Path(tmp) / f"{i}.pt"
+            command = [sys.executable, __file__, "--child", variant, "--latents", str(latents), "--model", args.model,
+                       "--buckets", args.buckets, "--repeats", str(args.repeats), "--cache-dir", args.cache_dir]
+            start = time.perf_counter()
+            with open(Path(args.out) / f"capture-{i}.log", "w") as log:
+                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(f"{variant}: failed (rc {done.returncode}); see capture-{i}.log", flush=True)
+                rows.append({"variant": variant, "error": f"rc {done.returncode}"})
+                continue
+            row = json.loads(lines[-1][len("RESULT "):]) | {"process_s": round(time.perf_counter() - start, 1)}
+            saved[i] = torch.load(latents).float()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for i, row in enumerate(rows):
+        if i in saved and args.reference in saved:
+            mine, reference = saved[i], saved[args.reference]
+            row["latents_equal_reference"] = bool(torch.equal(mine, reference))
+            row["latents_rel_l2_reference"] = float((mine - reference).norm() / reference.norm())
+    device = torch.cuda.get_device_name()
+    record = {"device": device, "model": args.model, "buckets": args.buckets, "reference": args.reference, "rows": rows, "command": " ".join(sys.argv)}
+    path = result_path(args.out, device, "capture", ".json")
+    path.write_text(json.dumps(record, indent=2))
+    rate_key = f"batch{max(int(b) for b in args.buckets.split(','))}_images_per_s"
+    lines = [f"# Loop capture, {device}, {args.model}, buckets {args.buckets}", "", f"`{record['command']}`", "",
+             "| # | variant | process s | CUDA start s | load s | warm-up s | recording s | allocated / reserved GiB | batch 1 s | "
+             + rate_key.replace("_", " ") + f" | latents vs #{args.reference}: equal, rel. L2 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(rows):
+        if "error" in r or "latents_equal_reference" not in r:
+            lines.append(f"| {i} | {r['variant']} | failed | | | | | | | | |")
+            continue
+        lines.append(f"| {i} | {r['variant']} | {r['process_s']} | {r['cuda_s']} | {r['load_s']} | {r['warmup_s']} | {r['record_s']} | "
+                     f"{r['allocated_gib']} / {r['reserved_gib']} | {r['batch1_s']} | {r[rate_key]} | {r['latents_equal_reference']}, {r['latents_rel_l2_reference']:.2e} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
