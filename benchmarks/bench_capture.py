@@ -9,9 +9,11 @@ A variant is a bench_e2e system name (`triton` with FastPathOptions suffixes, e.
 (Triton's kernels, the kernel-dispatch decisions), so list it twice to see a restart's
 figures for it. Per variant: CUDA's start and the load, warm-up and recording seconds, GPU
 memory once captured, batch-1 seconds and batch-8 images/s of the UNet stage alone, and how
-far its latents are from those of variant number --reference (cuDNN's timed search may pick
-other algorithms in another process, so equal only where both took the same). Each child's log goes to
-<out>/capture-<n>.log."""
+far its latents are from those of variant number --reference (what is timed at warm-up,
+Triton's autotuning and cuDNN's search, may choose otherwise in another process: equal only
+where every choice was the same). Each child's log goes to <out>/capture-<n>.log; --profile-bucket B adds to it where the host's time went while bucket
+B was warmed up and recorded (torch.profiler, CPU side; that bucket's seconds then include
+the profiler's overhead)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ def child(args) -> dict:
     params = stage.check(seed=0)
     per_bucket = {}
     for bucket in buckets:
+        if bucket == args.profile_bucket:  # where the host's time goes in this bucket's warm-up and recording
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                stage.graphs.capture(params, (bucket,))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
         stage.graphs.capture(params, (bucket,))
         loop = stage.graphs.find(params, bucket)
         per_bucket[bucket] = {"warmup_s": round(loop.warmup_s, 3), "record_s": round(loop.record_s, 3)}
@@ -94,6 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sd-triton"))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile-bucket", type=int, default=0, help="profile the host's time in this bucket's capture (into capture-<n>.log)")
     parser.add_argument("--reference", type=int, default=0, help="the variant (by position) whose latents the others are compared with")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--latents", help=argparse.SUPPRESS)
@@ -110,7 +119,8 @@ def main() -> None:
         for i, variant in enumerate(args.variants.split(",")):
             latents = Path(tmp) / f"{i}.pt"
             command = [sys.executable, __file__, "--child", variant, "--latents", str(latents), "--model", args.model,
-                       "--buckets", args.buckets, "--repeats", str(args.repeats), "--cache-dir", args.cache_dir]
+                       "--buckets", args.buckets, "--repeats", str(args.repeats), "--cache-dir", args.cache_dir,
+                       "--profile-bucket", str(args.profile_bucket)]
             start = time.perf_counter()
             with open(Path(args.out) / f"capture-{i}.log", "w") as log:
                 done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)

@@ -1,5 +1,5 @@
 """The whole denoising loop captured per bucket and group key (steps, size, scheduler,
-guidance, image-to-image's start step, ...): one CUDA graph per step, replayed back to back
+guidance, image-to-image's start step, ...): CUDA graphs per step, replayed back to back
 (or one graph for the whole loop, with the fast path's step_graphs off). Image-to-image's
 loop is the scheduler's timesteps from its start step on, the noised image its initial
 latents.
