@@ -2,6 +2,9 @@
 
     python benchmarks/bench_served.py [--levels triton,deepspeed] [--concurrency 1,2,4,8,16]
         [--extra-perf-input skipping=client/perf_input_skipping.json]
+    # SDXL at 1024², 30 Euler steps, guidance 5 (issue 14's served run):
+    python benchmarks/bench_served.py --model sdxl-random --steps 30 --env SD_DEFAULT_GUIDANCE=5 \
+        --env SD_DEFAULT_SCHEDULER=euler --perf-input client/perf_input_sdxl.json --concurrency 1,2,4 --skip stream,mixed
 
 For each optimization level, in one process on one host:
 - start to ready (load + CUDA-graph capture of every batch bucket), then again after a

@@ -65,3 +65,19 @@ def test_serve_refuses_a_repository_that_disagrees_before_starting_tritonserver(
     assert result.returncode == 2, result.stdout + result.stderr
     assert "unet/config.pbtxt: preferred_batch_size [8] has sizes outside deployment.toml's batch_buckets [1, 2, 4]" in result.stderr, result.stderr
     assert "starting tritonserver" not in result.stdout
+
+
+@pytest.mark.parametrize("data", sorted((ROOT / "client").glob("perf_input*.json")), ids=lambda p: p.name)
+def test_each_perf_analyzer_input_names_the_ensembles_inputs_with_their_types(data):
+    """perf_analyzer sends what a --input-data file says: a misspelt or mistyped input fails
+    only once a GPU run reaches it, so each shipped file is held against the ensemble here."""
+    import json
+
+    inputs = {i["name"]: i for i in read_model_config(ROOT / "model_repository" / "stable_diffusion" / "config.pbtxt")["input"]}
+    kinds = {"TYPE_STRING": str, "TYPE_INT64": int, "TYPE_INT32": int, "TYPE_FP32": (int, float)}
+    (request,) = json.loads(data.read_text())["data"]
+    assert set(request) <= set(inputs), set(request) - set(inputs)
+    assert "PROMPT" in request
+    for name, value in request.items():
+        assert value["shape"] == [int(d) for d in inputs[name]["dims"]], name
+        assert all(isinstance(v, kinds[inputs[name]["data_type"]]) for v in value["content"]), name
