@@ -164,6 +164,10 @@ def _attn_fwd_inner(
     # D_A and D_B too: split_head_dim changes them for the same head_dim within one process
     key=["q_len", "kv_len", "HEAD_DIM", "D_A", "D_B", "ALIGN"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    # each key's timings into Triton's cache directory (the deployment's cache_dir/triton, keyed
+    # by Triton's version, the GPU target and this kernel's source): a restart takes the same
+    # block sizes without timing up to eight configurations per attention shape again
+    cache_results=True,
 )
 @triton.jit
 def _attn_fwd_kernel(
