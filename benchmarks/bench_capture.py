@@ -18,9 +18,9 @@ the profiler's overhead)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,14 +35,15 @@ from record import result_path  # noqa: E402
 
 def child(args) -> dict:
     import torch
+    import torch.profiler
 
     from e2e_systems import options_for, sync_time
     from sd_backend.config import DeploymentConfig
-    from sd_backend.offline import write_offline_model
     from sd_backend.stages import DenoiseJob, UNetStage
+    from stage_bench import median_seconds, offline_model
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
-    model_dir = write_offline_model(args.model, Path(args.cache_dir) / args.model)
+    model_dir = offline_model(args)
     buckets = tuple(int(b) for b in args.buckets.split(","))
     config = DeploymentConfig(model=str(model_dir), cache_dir=args.cache_dir, opt_level="triton", fast_path=options_for(args.child), batch_buckets=buckets)
     start = time.perf_counter()
@@ -54,13 +55,12 @@ def child(args) -> dict:
     params = stage.check(seed=0)
     per_bucket = {}
     for bucket in buckets:
-        if bucket == args.profile_bucket:  # where the host's time goes in this bucket's warm-up and recording
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                stage.graphs.capture(params, (bucket,))
+        profiled = bucket == args.profile_bucket  # where the host's time goes in this bucket's warm-up and recording
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else contextlib.nullcontext()
+        with profiler as prof:
+            stage.graphs.capture(params, (bucket,))
+        if profiled:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
-        stage.graphs.capture(params, (bucket,))
         loop = stage.graphs.find(params, bucket)
         per_bucket[bucket] = {"warmup_s": round(loop.warmup_s, 3), "record_s": round(loop.record_s, 3)}
     torch.cuda.synchronize()
@@ -78,8 +78,7 @@ def child(args) -> dict:
         stage(jobs(seeds))
         return sync_time() - t0
 
-    timed([0])
-    batch1 = statistics.median(timed([1 + r]) for r in range(args.repeats))
+    batch1 = median_seconds(stage, lambda r: jobs([r]), args.repeats)
     biggest = max(buckets)
     timed(list(range(biggest)))
     rate = biggest / min(timed(list(range(100 + r * biggest, 100 + (r + 1) * biggest))) for r in range(2))

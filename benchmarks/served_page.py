@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from served_stream import PROMPT, _median
+from served_stream import PROMPT, _median, max_pixel_diff
 
 UI = "import sys, sd_backend; from sd_client.ui import main; sys.exit(main(sys.argv[1:]))"
 
@@ -99,7 +99,7 @@ def page_b1(url: str, params: dict, repeats: int, log_path) -> dict:
             events.add((made["progress"], made["previews"]))
             png = base64.b64decode(made["done"]["image"].split(",", 1)[1])
             image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-            diffs.append(int(np.abs(image.astype(np.int16) - plain.image.astype(np.int16)).max()))
+            diffs.append(max_pixel_diff(image, plain.image))
     client.close()
     return {
         "request": params, "repeats": len(seconds), "page_s": _median(seconds), "page_stream_latency_s": _median(latency),

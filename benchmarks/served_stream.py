@@ -88,6 +88,13 @@ class Watched:
         self.ended = time.perf_counter()
 
 
+def max_pixel_diff(image, reference) -> int:
+    """The largest difference of two uint8 images, in levels."""
+    import numpy as np
+
+    return int(np.abs(image.astype(np.int16) - reference.astype(np.int16)).max())
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
@@ -98,7 +105,6 @@ def stream_b1(url: str, params: dict, repeats: int, deadline: float) -> dict:
     each; for the stream, the median time from the call to its first progress message, the
     progress messages and previews per request (the messages must be the steps the scheduler runs:
     PNDM runs steps + 1), and the largest pixel difference between the two images of a seed."""
-    import numpy as np
     from sd_client import SDClient
 
     client = SDClient(url, "grpc")
@@ -114,7 +120,7 @@ def stream_b1(url: str, params: dict, repeats: int, deadline: float) -> dict:
         first.append(watched.first_at - watched.began)
         messages.add(len(watched.steps))
         previews.add(watched.previews)
-        diffs.append(int(np.abs(made.image.astype(np.int16) - watched.result.image.astype(np.int16)).max()))
+        diffs.append(max_pixel_diff(made.image, watched.result.image))
         scheduler = made.parameters.get("scheduler")
     client.close()
     return {

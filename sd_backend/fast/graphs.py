@@ -288,9 +288,8 @@ class CapturedLoop:
         if self.scheduler_name in _NOISY:
             self.noise[:, :n].copy_(self._draw_noise(generators, n))
         if callback is None:
-            for step in self.graphs:
-                for graph in step:
-                    graph.replay()
+            for index in range(len(self.graphs)):
+                self._replay_step(index)
         else:
             self._replay_reporting(n, callback)
         return self.output[:n].clone()
@@ -303,8 +302,7 @@ class CapturedLoop:
         total, done = len(self.graphs), []
 
         def launch(index: int) -> None:
-            for graph in self.graphs[index]:
-                graph.replay()
+            self._replay_step(index)
             done.append(torch.cuda.Event())
             done[-1].record()
 
@@ -316,6 +314,11 @@ class CapturedLoop:
                 launch(index + LOOKAHEAD)
             with torch.cuda.stream(self.report_stream):  # a preview's copy waits for nothing queued
                 callback(index, total, self.step_outputs[index][:n])
+
+    def _replay_step(self, index: int) -> None:
+        """Step `index`'s graphs, in order (the whole loop's one graph without step_graphs)."""
+        for graph in self.graphs[index]:
+            graph.replay()
 
     def _draw_noise(self, generators: Sequence, n: int):
         """Every step's noise, from each image's generator in diffusers' order."""
