@@ -128,9 +128,9 @@ def _number(name: str, text: str, kind: type) -> int | float:
 
 
 def png_data_url(image: np.ndarray) -> str:
-    """The image as a PNG data: URL, zlib level 1: lossless like any level, and on the way to
-    the page (a 512x512 image of random weights: 67 ms at PIL's default level 6, 30 ms at 1 on
-    one core here) it is most of what the page adds to the server's time."""
+    """The image as a PNG data: URL at zlib level 1: lossless like any level, and faster to
+    write than PIL's default 6; the final image's encode is on the way from the server's
+    answer to the page."""
     from PIL import Image
 
     buffer = io.BytesIO()
