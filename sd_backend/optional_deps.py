@@ -67,8 +67,37 @@ def import_tolerant(load: Callable[[], T], attempts: int = 5) -> T:
     return load()
 
 
+# installed optional packages that transformers imports, found built for numpy 2 inside the
+# numpy-1 stub on the GPU host (its restart log: each one cost a failed import of transformers)
+PROBED = ("scipy", "sklearn")
+
+
+def hide_broken(packages=PROBED) -> list[str]:
+    """Hide each installed package of `packages` that fails to import on its own; returns
+    those hidden. Alone each fails in a fraction of a second, where finding it through a
+    failed import of transformers costs that import again (2-5 s each on the GPU host)."""
+    import importlib.util
+
+    hidden = []
+    for package in packages:
+        if package in sys.modules or importlib.util.find_spec(package) is None:
+            continue  # imported, hidden already, or not installed
+        try:
+            importlib.import_module(package)
+        except Exception as err:  # ImportError, or the ABI errors of a mismatched extension
+            log.warning("optional package %s fails to import (%s: %s); continuing without it", package, type(err).__name__, err)
+            hide(package)
+            hidden.append(package)
+    return hidden
+
+
 def model_libraries() -> None:
-    """Import the transformers and diffusers classes the stages use."""
+    """Import the transformers and diffusers classes the stages use. Under numpy 1 (the
+    Python-backend stub's) the packages known to break there are tried alone first."""
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        hide_broken()
 
     def load() -> None:
         transformers = importlib.import_module("transformers")

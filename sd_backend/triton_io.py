@@ -248,11 +248,26 @@ def load_stage(stage_class, args, **options):
 
     log_to_server()
     start = time.perf_counter()
+    age = process_age_s()
+    if age is not None:  # the stub's start and model.py's imports, before this
+        log.info("%s: stub process up %.1f s before its load", args.get("model_instance_name", args.get("model_name")), age)
     config = DeploymentConfig.from_triton_args(args)
     check_model_config(json.loads(args["model_config"]), config)
     stage = stage_class.from_config(config, instance_device(args), **options)
     log.info("%s loaded in %.1f s", args.get("model_instance_name", args.get("model_name")), time.perf_counter() - start)
     return stage
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux's /proc), None where that cannot be read."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def log_to_server() -> None:

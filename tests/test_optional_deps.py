@@ -52,6 +52,20 @@ def test_model_libraries_hide_the_broken_package_and_load(broken_site):
     assert "optional package scipy fails to import" in result.stderr
 
 
+def test_broken_packages_tried_alone_are_hidden_before_transformers_imports(broken_site):
+    # what model_libraries does first under numpy 1: transformers then imports at the first try
+    result = run(
+        """
+        from sd_backend.optional_deps import hide_broken
+        print("hidden:", hide_broken(("scipy", "sklearn", "not_installed_anywhere")))
+        from transformers import CLIPTextModel
+        """,
+        broken_site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hidden: ['scipy', 'sklearn']" in result.stdout
+
+
 def test_a_broken_required_package_is_not_hidden(tmp_path):
     site = tmp_path / "site-packages"
     (site / "transformers").mkdir(parents=True)
