@@ -14,7 +14,8 @@ it supports instead of timing it against torch's op, `-nofuse` keeps separate q/
 projections, `-copies` keeps diffusers' layout copies around the attention and the
 transformer blocks' 1x1 projections, `-nohoist` computes the time embedding and the
 cross-attention keys and values at every step, `-nosplit` pads attention's head_dim to
-one power of two, `-plainvae` leaves the VAE as diffusers has it.
+one power of two, `-plainvae` leaves the VAE as diffusers has it, `-search` turns on cuDNN's
+timed algorithm search (`cudnn.benchmark`), `-unetperstep` records the UNet into every step's graph.
 
 For each: seconds per image at batch 1 (median and min of --repeats), images/s at
 --batch, time from start to first image (load + compile/capture + one image), peak GPU

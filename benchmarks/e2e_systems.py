@@ -180,7 +180,8 @@ SUFFIXES = {
     "nohoist": ("loop_constants", False),  # time embedding, ResNet time projections, cross-attention k/v at every step
     "wholeloop": ("step_graphs", False),  # the captured loop as one graph, not one per step
     "unetperstep": ("unet_graph", False),  # the UNet recorded into every step's graph, not once per loop
-    "heuristics": ("cudnn_search", False),  # cuDNN's heuristic convolution algorithms, no timed search
+    "search": ("cudnn_search", True),  # cuDNN times its convolution algorithms per shape (cudnn.benchmark)
+    "heuristics": ("cudnn_search", False),  # the default since session 13; kept for the earlier records' commands
     "nosplit": ("split_head_dim", False),  # attention head_dim padded to one power of two
     "plainvae": ("optimize_vae", False),  # diffusers' VAE as it is (NCHW, torch's ops)
 }

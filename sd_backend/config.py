@@ -71,10 +71,13 @@ class FastPathOptions:
     (sd_backend.fast.unet_graph): a loop records in about a fiftieth of the time and keeps
     one UNet's graph, not one per step. False records the UNet into every step's graph."""
 
-    cudnn_search: bool = True
-    """cuDNN times its algorithms for each new convolution shape (`cudnn.benchmark`) the
-    first time it meets it, at warm-up, and keeps the fastest for the process; False takes
-    its heuristics' choice untimed (no search at start-up; the choice may run slower)."""
+    cudnn_search: bool = False
+    """True: cuDNN times its algorithms for each new convolution shape (`cudnn.benchmark`)
+    the first time it meets it, at warm-up, and keeps the fastest for the process. False
+    (the default): its heuristics' choice, untimed. Measured on an H200 (benchmarks/NOTES.md,
+    session 13): the same speed at batch 1 and 8, half the warm-up, about 1 GB more reserved
+    memory, and the same choice in every process, so a restart gives the same images as the
+    run before it (the search's timings differ from process to process)."""
 
     split_head_dim: bool = True
     """Attention head_dim 80 and 160 as two exact power-of-two column blocks (64 + 16,

@@ -190,8 +190,6 @@ class CapturedLoop:
         step i's graphs in replay order (one graph for the whole loop without step_graphs,
         and only the last step's output kept). With `unet_pool` the UNet's call is its own
         graph, recorded at the first step, between each step's two graphs."""
-        import gc
-
         import torch
 
         graphs, outputs = [], []
@@ -218,7 +216,6 @@ class CapturedLoop:
             self.unet_call = SharedUNetCall(constants, unet_pool, split)
             return self.unet_call
 
-        gc.collect()
         with torch.cuda.stream(stream):
             if self.step_graphs:
                 graphs.append([])
@@ -358,7 +355,12 @@ class LoopGraphs:
 
     def capture(self, params: GenerationParams, buckets: Sequence[int]) -> float:
         """Capture the loop of `params`' key for each bucket; returns seconds spent."""
+        import gc
+
         start = time.perf_counter()
+        # once per call, not per loop: with torch, diffusers and the loops' graphs on the heap a
+        # collection took 0.3-0.7 s a loop in bench_capture's profiled run on the H200 host
+        gc.collect()
         for bucket in sorted(buckets):
             key = (bucket,) + params.loop_key()
             if key not in self.loops:
