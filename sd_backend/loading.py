@@ -49,25 +49,34 @@ def placement(config: DeploymentConfig, instance_device: str | None = None) -> t
     logging.getLogger("sd_backend").info("torch, transformers and diffusers imported in %.1f s", time.perf_counter() - start)
     source = resolve_model(config)
     device = resolve_device(config, instance_device)
-    if device.type == "cuda":
-        use_compiler_caches(config.cache_dir)  # before the first kernel compiles
     if device.type == "cuda" and device.index is not None:
         import torch
 
         # kernels, streams and graph captures use the current device: make it this instance's GPU
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        from .fast.load_caches import machine
+
+        use_compiler_caches(config.cache_dir, machine(device))  # before the first kernel compiles
     return source, device, resolve_dtype(config, device)
 
 
-def use_compiler_caches(cache_dir: str) -> None:
-    """Point Triton's and inductor's compiled-kernel caches into the deployment's cache_dir
-    (`triton/`, `inductor/`) where the environment names none (the container image does):
-    their own keys hold the source, the GPU architecture and the library versions, so a
-    restart on the same machine reuses them (sd_backend.fast.load_caches keeps the rest)."""
+def use_compiler_caches(cache_dir: str, machine_info: dict) -> None:
+    """Point Triton's and inductor's caches into the deployment's cache_dir, at
+    `triton/<machine>` and `inductor/<machine>`, where the environment names none. Their own
+    keys hold the source, the GPU architecture and the library versions, but not the GPU
+    model or the driver, and Triton's now hold timings too (the attention kernel's
+    autotuning, `cache_results`): <machine> is a fingerprint of `machine_info`
+    (sd_backend.fast.load_caches.machine: the GPU, the driver, torch, CUDA and Triton), so an
+    H100 sharing a volume with an H200 tunes its own blocks. A restart on the same machine
+    reuses them (sd_backend.fast.load_caches keeps the rest)."""
     from pathlib import Path
 
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor"))
+    from .fast.load_caches import machine_key
+
+    key = machine_key(machine_info)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(cache_dir) / "triton" / key))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir) / "inductor" / key))
 
 
 def _hub_kwargs() -> dict[str, Any]:

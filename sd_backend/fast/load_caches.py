@@ -7,8 +7,9 @@ does not redo the work of the first start:
   memory, multiprocessors), the CUDA driver, torch, CUDA and Triton versions and the fast
   path's options. A new GPU, driver or library version reads another file (empty: timed
   afresh), so a stale decision is never used;
-- Triton's compiled kernels (`triton/`) and inductor's (`inductor/`), whose own caches key
-  each entry by the source, the GPU architecture and the library versions
+- Triton's compiled kernels and autotuning results (`triton/<machine>/`) and inductor's
+  (`inductor/<machine>/`): their own caches key each entry by the source, the GPU
+  architecture and the library versions, and the folder adds the GPU model and the driver
   (sd_backend.loading.use_compiler_caches points them there).
 
 A Kubernetes pod mounts one volume at `cache_dir` (deploy/'s cache volume) for all three.
@@ -45,6 +46,11 @@ def machine(device) -> dict:
         "multiprocessors": props.multi_processor_count, "driver": driver, "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": triton_version,
     }
+
+
+def machine_key(machine_info: dict) -> str:
+    """A short fingerprint of `machine` (the compiler caches' folder name)."""
+    return hashlib.sha256(json.dumps(machine_info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dispatch_path(cache_dir: str | os.PathLike, component: str, options, machine_info: dict) -> Path:

@@ -76,8 +76,17 @@ def test_the_compiler_caches_go_into_cache_dir_unless_the_environment_names_them
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, preset)
-    use_compiler_caches(str(tmp_path))
+    use_compiler_caches(str(tmp_path), MACHINE)
     import os
 
-    expected = (str(tmp_path / "triton"), str(tmp_path / "inductor")) if preset is None else (preset, preset)
+    key = load_caches.machine_key(MACHINE)
+    expected = (str(tmp_path / "triton" / key), str(tmp_path / "inductor" / key)) if preset is None else (preset, preset)
     assert (os.environ["TRITON_CACHE_DIR"], os.environ["TORCHINDUCTOR_CACHE_DIR"]) == expected
+
+
+def test_the_compiler_caches_folder_changes_with_the_gpu_model_and_the_driver():
+    # Triton's own keys hold the architecture (an H100 and an H200 are both sm_90), not the model
+    key = load_caches.machine_key(MACHINE)
+    assert key == load_caches.machine_key(dict(MACHINE))
+    for field, value in [("gpu", "NVIDIA H100 80GB HBM3"), ("memory", 80 * 2**30), ("multiprocessors", 114), ("driver", 12080)]:
+        assert load_caches.machine_key(MACHINE | {field: value}) != key, field
