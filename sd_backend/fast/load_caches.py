@@ -33,11 +33,11 @@ def machine(device) -> dict:
     """What a timing depends on besides its shape: the GPU and the software stack."""
     import torch
 
-    try:
-        import triton
+    from importlib import metadata
 
-        triton_version = triton.__version__
-    except ImportError:
+    try:  # from its metadata: importing triton here would come before its cache folder is set
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
         triton_version = None
     props = torch.cuda.get_device_properties(device)
     driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
