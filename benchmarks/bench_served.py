@@ -139,6 +139,17 @@ def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float]:
     return server, round(time.perf_counter() - began, 1)
 
 
+# the stages' own start-up lines in the server's log (sd_backend.triton_io and the stages)
+STARTUP_LINES = ("stub process up", "imported in", "weights loaded", "captured", "kernel dispatch", "loaded in")
+
+
+def startup_log(log: Path) -> list[str]:
+    """What each stage logged about its start-up (imports, weights, captures, dispatch timing)."""
+    if not log.exists():
+        return []
+    return [line.strip() for line in log.read_text(errors="replace").splitlines() if "sd_backend" in line and any(s in line for s in STARTUP_LINES)]
+
+
 def client_b1(url: str, repeats: int) -> dict:
     from sd_client import SDClient
 
@@ -369,8 +380,10 @@ def main() -> None:
         if time.monotonic() > deadline:
             break
         options = server_options(args, level)
-        server, ready = start(options, out / f"server-{level}{('-' + args.tag) if args.tag else ''}.log")
+        log = out / f"server-{level}{('-' + args.tag) if args.tag else ''}.log"
+        server, ready = start(options, log)
         record.put(level, "ready_s", ready)
+        record.put(level, "startup_log", startup_log(log))
         try:
             record.put(level, "gpu_memory_ready", gpu_memory(server))
             record.put(level, "grpc_b1", client_b1(server.grpc_url, args.repeats))
@@ -388,8 +401,10 @@ def main() -> None:
         if "inprocess" not in skip and time.monotonic() < deadline - 90:
             record.put(level, "inprocess_b1", in_process(args, level))
         if "restart" not in skip and time.monotonic() < deadline - 120:
-            server, ready = start(server_options(args, level), out / f"server-{level}-restart.log")
+            log = out / f"server-{level}-restart.log"
+            server, ready = start(server_options(args, level), log)
             record.put(level, "restart_ready_s", ready)
+            record.put(level, "restart_startup_log", startup_log(log))
             server.stop()
     print(record.md_path.read_text())
 

@@ -103,4 +103,4 @@ def remember(fast) -> None:
         return
     timings = fast.timings()
     save_decisions(fast.cache_file, timings, fast.machine_info)
-    log.info("kernel dispatch: %d shapes decided from %s, %d timed", fast.reused, fast.cache_file, len(timings) - fast.reused)
+    log.info("kernel dispatch: %d shapes decided from %s, %d timed in %.1f s", fast.reused, fast.cache_file, len(timings) - fast.reused, fast.timing_s)

@@ -3,6 +3,7 @@ which tensors the kernels can take, and the per-shape choice between a kernel an
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Hashable
 
 import torch
@@ -40,6 +41,7 @@ class FastPath:
         # timings of an earlier start on this machine (sd_backend.fast.load_caches), by repr(key)
         self._known = dict(known or {})
         self.reused = 0  # shapes decided from `known` instead of timed
+        self.timing_s = 0.0  # host seconds spent timing shapes (kernels compiled and tuned on the way)
 
     def on_kernel_device(self, *tensors) -> bool:
         return all(t.device.type in self.kernel_devices for t in tensors)
@@ -58,7 +60,9 @@ class FastPath:
         if key not in self._timings:
             if torch.cuda.is_current_stream_capturing():
                 return kernel()  # unseen during warm-up: no timing inside a capture
+            start = time.perf_counter()
             self._timings[key] = (_time_ms(kernel), _time_ms(reference))
+            self.timing_s += time.perf_counter() - start
         kernel_ms, reference_ms = self._timings[key]
         return kernel() if kernel_ms < reference_ms else reference()
 
