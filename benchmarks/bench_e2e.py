@@ -15,7 +15,8 @@ projections, `-copies` keeps diffusers' layout copies around the attention and t
 transformer blocks' 1x1 projections, `-nohoist` computes the time embedding and the
 cross-attention keys and values at every step, `-nosplit` pads attention's head_dim to
 one power of two, `-plainvae` leaves the VAE as diffusers has it, `-search` turns on cuDNN's
-timed algorithm search (`cudnn.benchmark`), `-unetperstep` records the UNet into every step's graph.
+timed algorithm search (`cudnn.benchmark`), `-unetperstep` records the UNet into every step's graph, `-gnlooped` turns on
+`fast_path.group_norm_looped`.
 
 For each: seconds per image at batch 1 (median and min of --repeats), images/s at
 --batch, time from start to first image (load + compile/capture + one image), peak GPU

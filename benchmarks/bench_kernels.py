@@ -188,6 +188,39 @@ def bench_group_norm(dtype, gen):
     return rows
 
 
+def bench_group_norm_looped(dtype, gen):
+    """sd_kernels.group_norm's "looped" schedule (triton_ms) against its "split" one (in the
+    torch_ms column: "against": "split") at the UNet's GroupNorms of batch 8 with guidance
+    (batch 16), channels-last as the fast path runs them: fast_path.group_norm_looped's case."""
+    from sd_kernels import group_norm, group_norm_reference
+
+    tol = TOLERANCES["norm"][dtype]
+    rows = []
+    for name, shape, groups, eps, silu in GROUP_NORM:
+        if not name.startswith("unet"):
+            continue
+        shape = (16,) + shape[1:]
+        c = shape[1]
+        w = torch.randn(c, device="cuda", generator=gen).to(dtype)
+        b = torch.randn(c, device="cuda", generator=gen).to(dtype)
+        x = torch.randn(shape, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+        act = "silu" if silu else None
+        rows.append(
+            _record(
+                "group_norm_looped",
+                name,
+                f"{'x'.join(map(str, shape))} channels_last{' +silu' if silu else ''}",
+                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm(x, g, w, b, eps, activation=act, schedule="looped"),
+                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm(x, g, w, b, eps, activation=act, schedule="split"),
+                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm_reference(x, g, w, b, eps, act),
+                tol,
+                {"layout": "channels_last", "silu": silu, "groups": groups, "against": "split"},
+            )
+        )
+        del x
+    return rows
+
+
 def bench_layer_norm(dtype, gen):
     from sd_kernels import layer_norm, layer_norm_reference
 
@@ -349,6 +382,7 @@ def main(argv=None):
     benches = {
         "flash_attention": bench_attention,
         "group_norm": bench_group_norm,
+        "group_norm_looped": bench_group_norm_looped,
         "layer_norm": bench_layer_norm,
         "geglu": bench_geglu,
         "bias_residual": bench_bias_residual,

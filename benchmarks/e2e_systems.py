@@ -184,6 +184,7 @@ SUFFIXES = {
     "heuristics": ("cudnn_search", False),  # the default since session 13; kept for the earlier records' commands
     "nosplit": ("split_head_dim", False),  # attention head_dim padded to one power of two
     "plainvae": ("optimize_vae", False),  # diffusers' VAE as it is (NCHW, torch's ops)
+    "gnlooped": ("group_norm_looped", True),  # large GroupNorms as one program per group where the batch fills the GPU
 }
 
 

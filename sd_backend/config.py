@@ -86,6 +86,13 @@ class FastPathOptions:
     optimize_vae: bool = True
     """The VAE decoder gets the kernels and channels-last too."""
 
+    group_norm_looped: bool = False
+    """GroupNorms too large for one tile run as one program per group (statistics, then
+    normalize, in one launch: the second read of a group from L2) where the batch has enough
+    groups to fill the GPU, instead of a statistics kernel and a normalize kernel
+    (sd_kernels.group_norm's schedule "auto" against "split"). The same output to the bit;
+    off until its speed is measured on the GPU (benchmarks/NOTES.md, session 13)."""
+
     image_to_image_strengths: tuple[float, ...] = ()
     """Image-to-image strengths whose loops are captured at load too (the default request's
     steps, size and scheduler, at every batch bucket): a request whose strength gives the same

@@ -137,6 +137,39 @@ def test_group_norm_strided_input():
     assert_close(out, group_norm_reference(x, 32, weight, bias, 1e-5), 1e-4, 1e-4, "group_norm strided")
 
 
+# the split path's shapes (groups larger than one tile): SD's CFG batch 16 on CUDA
+LOOPED_SHAPES = [(16, 320, 64, 64, 32), (16, 640, 32, 32, 32), (16, 960, 64, 64, 32), (4, 512, 128, 128, 32)] if ON_CUDA else [
+    (1, 64, 33, 33, 8), (3, 32, 40, 40, 4)]
+
+
+@pytest.mark.parametrize("pre_add", [False, True], ids=["plain", "pre_add"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,groups", LOOPED_SHAPES)
+def test_looped_schedule_equals_the_split_path_to_the_bit(n, c, h, w, groups, channels_last, activation, pre_add):
+    import triton
+
+    from sd_kernels.group_norm import _MAX_SINGLE_TILE
+
+    assert triton.next_power_of_2(c // groups) * triton.next_power_of_2(h * w) > _MAX_SINGLE_TILE  # not one tile
+    x, weight, bias = _inputs(n, c, (h, w), torch.float16, seed=7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    add = torch.randn(n, c, device=DEVICE) if pre_add else None
+    split = group_norm(x, groups, weight, bias, 1e-5, activation=activation, pre_add=add, schedule="split")
+    looped = group_norm(x, groups, weight, bias, 1e-5, activation=activation, pre_add=add, schedule="looped")
+    assert looped.stride() == split.stride()
+    assert torch.equal(looped, split)
+    expected = group_norm_reference(x, groups, weight, bias, 1e-5, activation, pre_add=add)
+    assert_close(looped, expected, *TOLERANCES[torch.float16], "group_norm looped")
+
+
+def test_auto_schedule_is_one_of_the_two():
+    x, weight, bias = _inputs(2, 64, (33, 33), torch.float32, seed=8)
+    auto = group_norm(x, 8, weight, bias, 1e-5, schedule="auto")
+    assert torch.equal(auto, group_norm(x, 8, weight, bias, 1e-5, schedule="split"))
+
+
 @pytest.mark.parametrize(
     "case,match",
     [
@@ -147,6 +180,7 @@ def test_group_norm_strided_input():
         ("1d", "x.shape"),
         ("pre_add_shape", "pre_add"),
         ("pre_add_int", "pre_add.dtype"),
+        ("schedule", "schedule"),
     ],
 )
 def test_group_norm_rejects(case, match):
@@ -167,5 +201,6 @@ def test_group_norm_rejects(case, match):
         pre_add = torch.zeros(1, 32, device=DEVICE)
     elif case == "pre_add_int":
         pre_add = torch.zeros(1, 64, device=DEVICE, dtype=torch.int32)
+    schedule = "ring" if case == "schedule" else "split"
     with pytest.raises(ValueError, match=match):
-        group_norm(x, groups, weight, bias, 1e-5, activation=activation, pre_add=pre_add)
+        group_norm(x, groups, weight, bias, 1e-5, activation=activation, pre_add=pre_add, schedule=schedule)

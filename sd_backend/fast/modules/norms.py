@@ -18,6 +18,11 @@ MAX_GROUP_CHANNELS = 4096  # sd_kernels.group_norm keeps a group's channels in o
 _MAX_LAYER_NORM_DIM = 8192  # sd_kernels.layer_norm keeps a row in registers
 
 
+def group_norm_schedule(fast_path: FastPath) -> str:
+    """sd_kernels.group_norm's schedule for the fast path's options (fast_path.group_norm_looped)."""
+    return "auto" if fast_path.options.group_norm_looped else "split"
+
+
 class TritonGroupNorm(nn.GroupNorm):
     """nn.GroupNorm via sd_kernels.group_norm; activation="silu" fuses F.silu."""
 
@@ -38,7 +43,7 @@ class TritonGroupNorm(nn.GroupNorm):
 
         return self.fast_path.choose(
             ("group_norm", tuple(input.shape), input.stride(), input.dtype, activation),
-            lambda: group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=activation),
+            lambda: group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=activation, schedule=group_norm_schedule(self.fast_path)),
             lambda: self.torch_forward(input, activation),
             input.device,
         )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 from ..runtime import FastPath, no_autograd
-from .norms import MAX_GROUP_CHANNELS, NORM_DTYPES
+from .norms import MAX_GROUP_CHANNELS, NORM_DTYPES, group_norm_schedule
 
 
 class TritonResnetBlock2D(ResnetBlock2D):
@@ -89,7 +89,8 @@ class TritonResnetBlock2D(ResnetBlock2D):
 
         norm = self.norm2
         hidden_states = group_norm(
-            hidden_states, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", pre_add=pre_add
+            hidden_states, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu", pre_add=pre_add,
+            schedule=group_norm_schedule(self.fast_path),
         )
         hidden_states = _conv_no_bias(self.conv2, hidden_states)
 
