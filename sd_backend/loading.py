@@ -39,14 +39,9 @@ def resolve_dtype(config: DeploymentConfig, device) -> Any:
 
 def placement(config: DeploymentConfig, instance_device: str | None = None) -> tuple[str, Any, Any]:
     """(where to load from, torch device, torch dtype) for one stage of a deployment."""
-    import logging
-    import time
-
     from .optional_deps import model_libraries
 
-    start = time.perf_counter()
     model_libraries()
-    logging.getLogger("sd_backend").info("torch, transformers and diffusers imported in %.1f s", time.perf_counter() - start)
     source = resolve_model(config)
     device = resolve_device(config, instance_device)
     if device.type == "cuda" and device.index is not None:

@@ -248,13 +248,18 @@ def load_stage(stage_class, args, **options):
 
     log_to_server()
     start = time.perf_counter()
+    name = args.get("model_instance_name", args.get("model_name"))
     age = process_age_s()
     if age is not None:  # the stub's start and model.py's imports, before this
-        log.info("%s: stub process up %.1f s before its load", args.get("model_instance_name", args.get("model_name")), age)
+        log.info("%s: stub process up %.1f s before its load", name, age)
+    from .optional_deps import model_libraries
+
+    model_libraries()  # what the stage's from_config imports first (its placement)
+    log.info("%s: torch, transformers and diffusers imported in %.1f s", name, time.perf_counter() - start)
     config = DeploymentConfig.from_triton_args(args)
     check_model_config(json.loads(args["model_config"]), config)
     stage = stage_class.from_config(config, instance_device(args), **options)
-    log.info("%s loaded in %.1f s", args.get("model_instance_name", args.get("model_name")), time.perf_counter() - start)
+    log.info("%s loaded in %.1f s", name, time.perf_counter() - start)
     return stage
 
 
