@@ -299,29 +299,27 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, pre_add=N
     num_chunks = triton.cdiv(S, block_s)
     num_warps = 4 if block_c * block_s <= 2048 else 8
     grid = (N * num_groups, num_chunks)
-    if schedule == "auto":
-        programs = _LOOPED_PROGRAMS_PER_SM * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
-        schedule = "looped" if N * num_groups >= programs else "split"
     common = dict(GROUP_C=group_channels, BLOCK_C=block_c, BLOCK_S=block_s, HAS_PRE_ADD=pre_add is not None)
     affine = (weight if weight is not None else x3, bias if bias is not None else x3, p)
     flags = dict(BLOCK_P=min(triton.next_power_of_2(num_chunks), _MAX_PARTIALS_BLOCK), HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, SILU=activation == "silu", num_warps=num_warps)
     if single:
         mean = m2 = x3  # unused
-    elif schedule == "looped":
-        mean = torch.empty((N * num_groups, num_chunks), dtype=torch.float32, device=x.device)
-        m2 = torch.empty_like(mean)
-        _group_norm_looped_kernel[(N * num_groups,)](
-            x3, y3, *affine, mean, m2,
-            *x3.stride(), *y3.stride(), *stride_p,
-            num_groups, S, num_chunks,
-            1.0 / (group_channels * S), float(eps),
-            **common, **flags,
-        )
-        return y3.view(x.shape)
     else:
         mean = torch.empty((N * num_groups, num_chunks), dtype=torch.float32, device=x.device)
         m2 = torch.empty_like(mean)
+        if schedule == "auto":
+            programs = _LOOPED_PROGRAMS_PER_SM * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
+            schedule = "looped" if N * num_groups >= programs else "split"
+        if schedule == "looped":
+            _group_norm_looped_kernel[(N * num_groups,)](
+                x3, y3, *affine, mean, m2,
+                *x3.stride(), *y3.stride(), *stride_p,
+                num_groups, S, num_chunks,
+                1.0 / (group_channels * S), float(eps),
+                **common, **flags,
+            )
+            return y3.view(x.shape)
         _group_norm_stats_kernel[grid](
             x3, p, mean, m2,
             *x3.stride(), *stride_p,
