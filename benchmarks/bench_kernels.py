@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sd_backend  # noqa: E402,F401  (maps sd_kernels to the checkout's kernels/ where it is not installed)
 
+import kernel_schedules  # noqa: E402  (benchmarks/: the A/B runs of a kernel's schedules)
 from sd_shapes import ATTENTION, BIAS_RESIDUAL, GEGLU, GROUP_NORM, LAYER_NORM  # noqa: E402  (benchmarks/)
 
 # (atol, rtol) against the fp32 reference, as in tests/kernels
@@ -185,39 +186,6 @@ def bench_group_norm(dtype, gen):
                 )
             )
         del layouts
-    return rows
-
-
-def bench_group_norm_looped(dtype, gen):
-    """sd_kernels.group_norm's "looped" schedule (triton_ms) against its "split" one (in the
-    torch_ms column: "against": "split") at the UNet's GroupNorms of batch 8 with guidance
-    (batch 16), channels-last as the fast path runs them: fast_path.group_norm_looped's case."""
-    from sd_kernels import group_norm, group_norm_reference
-
-    tol = TOLERANCES["norm"][dtype]
-    rows = []
-    for name, shape, groups, eps, silu in GROUP_NORM:
-        if not name.startswith("unet"):
-            continue
-        shape = (16,) + shape[1:]
-        c = shape[1]
-        w = torch.randn(c, device="cuda", generator=gen).to(dtype)
-        b = torch.randn(c, device="cuda", generator=gen).to(dtype)
-        x = torch.randn(shape, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
-        act = "silu" if silu else None
-        rows.append(
-            _record(
-                "group_norm_looped",
-                name,
-                f"{'x'.join(map(str, shape))} channels_last{' +silu' if silu else ''}",
-                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm(x, g, w, b, eps, activation=act, schedule="looped"),
-                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm(x, g, w, b, eps, activation=act, schedule="split"),
-                lambda x=x, w=w, b=b, g=groups, eps=eps, act=act: group_norm_reference(x, g, w, b, eps, act),
-                tol,
-                {"layout": "channels_last", "silu": silu, "groups": groups, "against": "split"},
-            )
-        )
-        del x
     return rows
 
 
@@ -382,7 +350,9 @@ def main(argv=None):
     benches = {
         "flash_attention": bench_attention,
         "group_norm": bench_group_norm,
-        "group_norm_looped": bench_group_norm_looped,
+        # A/B runs of a schedule against the fast path's current one (benchmarks/kernel_schedules.py)
+        "group_norm_looped": lambda d, g: kernel_schedules.bench_group_norm_looped(d, g, _record, TOLERANCES["norm"][d]),
+        "geglu_linear": lambda d, g: kernel_schedules.bench_geglu_linear(d, g, _record, TOLERANCES["norm"][d]),
         "layer_norm": bench_layer_norm,
         "geglu": bench_geglu,
         "bias_residual": bench_bias_residual,

@@ -185,6 +185,7 @@ SUFFIXES = {
     "nosplit": ("split_head_dim", False),  # attention head_dim padded to one power of two
     "plainvae": ("optimize_vae", False),  # diffusers' VAE as it is (NCHW, torch's ops)
     "gnlooped": ("group_norm_looped", True),  # large GroupNorms as one program per group where the batch fills the GPU
+    "geglulinear": ("geglu_linear", True),  # the feed-forward's projection and gate as one GEMM
 }
 
 

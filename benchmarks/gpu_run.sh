@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host, from the repo root (carry .whl): GPU tests, kernel microbenchmarks
 # and the end-to-end benchmark, results under $OUT (or benchmarks/results).
-#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [vae-memory] [e2e "SYSTEMS [ARGS]"] [capture "ARGS"] [served "ARGS"] [soak "ARGS"]
+#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [kernel-ops "a,b"] [vae-memory] [e2e "SYSTEMS [ARGS]"] [capture "ARGS"] [served "ARGS"] [soak "ARGS"]
 #                              [soak-start "ARGS"]
 # soak-start runs the soak in its own process session (it outlives this command; results
 # under /tmp/soak) and returns once the server answers; collect with benchmarks/soak_wait.sh.
@@ -28,6 +28,7 @@ while [ $# -gt 0 ]; do
     profile) python3 benchmarks/profile_unet.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
     vae-memory) python3 benchmarks/vae_memory.py --out "$OUT" 2>&1 | tee "$OUT/vae_memory.log" | tail -40 ;;
     kernels) python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -70 ;;
+    kernel-ops) python3 benchmarks/bench_kernels.py --out "$OUT" --ops "$2" 2>&1 | tee "$OUT/bench_kernels-$2.log" | tail -40; shift ;;
     # the served stubs get numpy 1.26 first (--stub-path), every other process numpy 2
     served) python3 benchmarks/bench_served.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/bench_served.log" | tail -40; shift ;;
     soak) python3 benchmarks/soak.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/soak.log" | tail -30; shift ;;

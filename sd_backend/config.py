@@ -93,6 +93,13 @@ class FastPathOptions:
     (sd_kernels.group_norm's schedule "auto" against "split"). The same output to the bit;
     off until its speed is measured on the GPU (benchmarks/NOTES.md, session 13)."""
 
+    geglu_linear: bool = False
+    """The transformer feed-forward's GEGLU projection and gate as one GEMM whose epilogue is
+    the gate (sd_kernels.geglu_linear: the (M, 2F) projection never written), where the
+    dispatch times it faster than cuBLAS's GEMM and the gate kernel. Results differ from
+    the two ops' by about one fp16 rounding of the projection (the kernel keeps it in fp32);
+    off until its speed is measured on the GPU (benchmarks/NOTES.md, session 14)."""
+
     image_to_image_strengths: tuple[float, ...] = ()
     """Image-to-image strengths whose loops are captured at load too (the default request's
     steps, size and scheduler, at every batch bucket): a request whose strength gives the same

@@ -2,9 +2,9 @@
 
 One op per module, in the order of Triton's tutorials (the math as a docstring, the
 @triton.jit kernels, a launcher that checks and launches, a plain-torch `<op>_reference`):
-flash_attention, group_norm (with fused SiLU and pre-add), layer_norm, geglu,
-bias_residual. Tensors in, tensors out: sd_backend.fast.modules swaps them into diffusers'
-modules.
+flash_attention, group_norm (with fused SiLU and pre-add), layer_norm, geglu, geglu_linear
+(GEGLU with its projection as one GEMM), bias_residual. Tensors in, tensors out:
+sd_backend.fast.modules swaps them into diffusers' modules.
 
 An op's module (and OpenAI Triton) is imported when the op is first used, not with this
 package. (The folder was `kernels/`, which from a checkout's root shadowed Hugging Face's
@@ -15,7 +15,7 @@ import importlib
 import sys
 import types
 
-_MODULES = ("bias_residual", "flash_attention", "geglu", "group_norm", "layer_norm")
+_MODULES = ("bias_residual", "flash_attention", "geglu", "geglu_linear", "group_norm", "layer_norm")
 __all__ = sorted(_MODULES + tuple(f"{m}_reference" for m in _MODULES))
 
 

@@ -119,7 +119,7 @@ def _count_kernel_calls(monkeypatch):
 
         return wrapper
 
-    for name in ("flash_attention", "group_norm", "layer_norm", "geglu", "bias_residual"):
+    for name in ("flash_attention", "group_norm", "layer_norm", "geglu", "geglu_linear", "bias_residual"):
         monkeypatch.setattr(sd_kernels, name, counted(name))
     pointwise = transformer.pointwise
     monkeypatch.setattr(transformer, "pointwise", lambda *a: calls.__setitem__("pointwise", calls.get("pointwise", 0) + 1) or pointwise(*a))
@@ -181,6 +181,21 @@ def test_options_reach_the_modules(monkeypatch):
     plain = tiny_unet()
     assert torch.equal(run_unet(never, inputs), run_unet(plain, inputs))  # `never`: torch's ops
     assert not any(k in calls for k in ("group_norm", "layer_norm", "geglu", "bias_residual")), calls
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter's run of the option")
+def test_geglu_linear_option_runs_projection_and_gate_as_one_kernel(monkeypatch):
+    """fast_path.geglu_linear: the feed-forward's GEGLU is sd_kernels.geglu_linear, not the
+    projection then sd_kernels.geglu, and the UNet still computes what diffusers' does."""
+    pytest.importorskip("triton")
+    calls = _count_kernel_calls(monkeypatch)
+    unet = tiny_unet()
+    patched = copy.deepcopy(unet)
+    patch_model(patched, cpu_kernels(FastPathOptions(geglu_linear=True), attention_dtypes=(torch.float32,)))
+    inputs = unet_inputs("cpu", torch.float32)
+    assert_close(run_unet(patched, inputs), run_unet(unet, inputs), 1e-4, 1e-4, "tiny unet, geglu_linear")
+    geglus = sum(type(m).__name__ == "TritonGEGLU" for m in patched.modules())
+    assert geglus > 0 and calls.get("geglu_linear") == geglus and "geglu" not in calls, calls
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
