@@ -5,6 +5,8 @@
     # SDXL at 1024², 30 Euler steps, guidance 5 (issue 14's served run):
     python benchmarks/bench_served.py --model sdxl-random --steps 30 --env SD_DEFAULT_GUIDANCE=5 \
         --env SD_DEFAULT_SCHEDULER=euler --perf-input client/perf_input_sdxl.json --concurrency 1,2,4 --skip stream,mixed
+    # the unet as two instances (two stub processes) per GPU, an A/B of the served bubbles:
+    python benchmarks/bench_served.py --unet-instances 2 --concurrency 1,4,8,16 --skip stream,mixed --tag unet2
 
 For each optimization level, in one process on one host:
 - start to ready (load + CUDA-graph capture of every batch bucket), then again after a
@@ -127,6 +129,22 @@ def deployment_env(args, level: str) -> dict[str, str]:
     if args.stub_path:  # a folder the backend stubs put first on sys.path (numpy 1.26 on the GPU host)
         env["SD_STUB_EXTRA_PATH"] = args.stub_path
     return env | dict(setting.partition("=")[::2] for setting in args.env)
+
+
+def repository_with_unet_instances(repository: Path, count: int) -> Path:
+    """A copy of `repository` (in a temporary folder) whose unet has `count` instances on
+    each GPU (its config.pbtxt's instance_group): two loops of one GPU's unet run at once."""
+    import re
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="sd-repo-")) / repository.name
+    shutil.copytree(repository, copy)
+    config = copy / "unet" / "config.pbtxt"
+    text, found = re.subn(r"(instance_group \[ \{ count: )\d+", rf"\g<1>{count}", config.read_text())
+    if found != 1:
+        raise SystemExit(f"--unet-instances: no single 'instance_group [ {{ count: N' line in {config}")
+    config.write_text(text)
+    return copy
 
 
 def server_options(args, level: str) -> ServerOptions:
@@ -356,6 +374,7 @@ def main() -> None:
     parser.add_argument("--stub-path", default="", help="folder put first on the backend stubs' sys.path")
     parser.add_argument("--cache-dir", default="/tmp/sd-cache")
     parser.add_argument("--model-repository", default=str(ROOT / "model_repository"), help="the repository served (a variant's copy)")
+    parser.add_argument("--unet-instances", type=int, default=0, help="serve a copy of the repository whose unet has this many instances per GPU")
     parser.add_argument("--env", action="append", default=[], metavar="SD_NAME=VALUE",
                         help="a deployment setting for the server and the in-process engine, e.g. SD_FAST_PATH_CUDNN_SEARCH=false")
     parser.add_argument("--tag", default="")
@@ -371,6 +390,8 @@ def main() -> None:
     if bad := [e for e in args.env if not e.startswith("SD_") or not all(e.partition("="))]:
         parser.error(f"--env: {bad[0]!r} is not SD_NAME=VALUE")
     extra_levels = [int(c) for c in args.extra_concurrency.split(",") if c]
+    if args.unet_instances:
+        args.model_repository = str(repository_with_unet_instances(Path(args.model_repository), args.unet_instances))
     # seconds each step leaves for the steps after it on the same server, and after the server
     rest = sum(seconds for part, seconds in REST_RESERVE_S.items() if part not in skip)
     after_extras = rest + (0 if "stream" in skip else STREAM_RESERVE_S)
