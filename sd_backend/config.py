@@ -90,15 +90,17 @@ class FastPathOptions:
     """GroupNorms too large for one tile run as one program per group (statistics, then
     normalize, in one launch: the second read of a group from L2) where the batch has enough
     groups to fill the GPU, instead of a statistics kernel and a normalize kernel
-    (sd_kernels.group_norm's schedule "auto" against "split"). The same output to the bit;
-    off until its speed is measured on the GPU (benchmarks/NOTES.md, session 13)."""
+    (sd_kernels.group_norm's schedule "auto" against "split"). The same output to the bit.
+    Off: on an H200 it is 3-13% faster at 32² and 16² but 14-22% slower at 64², where the
+    UNet's largest GroupNorms are (benchmarks/NOTES.md, session 14)."""
 
     geglu_linear: bool = False
     """The transformer feed-forward's GEGLU projection and gate as one GEMM whose epilogue is
     the gate (sd_kernels.geglu_linear: the (M, 2F) projection never written), where the
     dispatch times it faster than cuBLAS's GEMM and the gate kernel. Results differ from
-    the two ops' by about one fp16 rounding of the projection (the kernel keeps it in fp32);
-    off until its speed is measured on the GPU (benchmarks/NOTES.md, session 14)."""
+    the two ops' by about one fp16 rounding of the projection (the kernel keeps it in fp32).
+    Off: on an H200 its GEMM beats cuBLAS + the gate only at 64² (benchmarks/NOTES.md,
+    session 14), and its effect on the final latents is not yet checked there."""
 
     image_to_image_strengths: tuple[float, ...] = ()
     """Image-to-image strengths whose loops are captured at load too (the default request's

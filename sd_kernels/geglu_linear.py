@@ -30,6 +30,8 @@ def _configs():
         for bm, bn, bk, w, s in [
             # two (BLOCK_M, BLOCK_N) fp32 accumulators: 128 x 128 needs 8 warps
             (128, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 128, 8, 2),
             (128, 128, 32, 8, 4),
             (128, 64, 64, 4, 4),
             (128, 64, 64, 8, 3),
@@ -61,6 +63,7 @@ def _geglu_linear_kernel(
     stride_xm,  # input row stride, in elements
     stride_wn,  # weight row stride, in elements
     HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (tl.dot's default there is TF32)
     EVEN_K: tl.constexpr,  # K a multiple of BLOCK_K: no mask on any load (a mask along K stops vector loads)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -100,8 +103,8 @@ def _geglu_linear_kernel(
             x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             wa = tl.load(wa_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             wg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc_a = tl.dot(x, wa, acc_a)
-        acc_g = tl.dot(x, wg, acc_g)
+        acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
+        acc_g = tl.dot(x, wg, acc_g, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         wa_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
@@ -153,6 +156,7 @@ def geglu_linear(x, weight, bias=None):
         M, F, K, triton.next_power_of_2(M),
         x2.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
     )
     return out
 
