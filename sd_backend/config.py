@@ -102,6 +102,14 @@ class FastPathOptions:
     Off: on an H200 its GEMM beats cuBLAS + the gate only at 64² (benchmarks/NOTES.md,
     session 14), and its effect on the final latents is not yet checked there."""
 
+    compile_workers: int = 0
+    """Above 1: an attention shape met for the first time with no autotuning results on disk
+    (a cold start) gets its candidate block sizes compiled by this many threads before the
+    autotuner times them, instead of one after another inside its timing loop
+    (sd_kernels._autotune). The same kernels and the same choice; only the compile order
+    changes. 0 (the default until measured on the GPU, benchmarks/NOTES.md session 14):
+    Triton's serial path."""
+
     image_to_image_strengths: tuple[float, ...] = ()
     """Image-to-image strengths whose loops are captured at load too (the default request's
     steps, size and scheduler, at every batch bucket): a request whose strength gives the same
@@ -110,6 +118,8 @@ class FastPathOptions:
     memory."""
 
     def __post_init__(self) -> None:
+        if self.compile_workers < 0:
+            raise ValueError(f"fast_path.compile_workers: {self.compile_workers}; allowed: 0 or more")
         bad = [s for s in self.image_to_image_strengths if not 0.0 < s <= 1.0]
         if bad:
             raise ValueError(f"fast_path.image_to_image_strengths: {bad} out of range; allowed above 0 up to 1")

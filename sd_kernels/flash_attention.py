@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import ParallelCompile
 from ._checks import INTERPRET, check_tensor
 
 _MAX_HEAD_DIM = 256
@@ -258,7 +259,10 @@ def _attn_fwd_kernel(
         )
 
 
-def flash_attention(q, k, v, scale=None, out=None, split_head_dim=True):
+_PARALLEL_COMPILE = ParallelCompile(_attn_fwd_kernel)
+
+
+def flash_attention(q, k, v, scale=None, out=None, split_head_dim=True, compile_workers=0):
     """softmax(scale * q k^T) v, non-causal, no mask.
 
     q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); any strides.
@@ -271,6 +275,9 @@ def flash_attention(q, k, v, scale=None, out=None, split_head_dim=True):
     (batch, q_len, heads * head_dim) without a transposing copy.
     split_head_dim False covers head_dim with one padded block even where two exact
     blocks would do (80 -> 128 instead of 64 + 16; see _head_dim_blocks).
+    compile_workers > 1: a shape whose block sizes are not yet tuned (in this process or in
+    Triton's cache directory) gets its candidate configurations compiled by that many
+    threads before they are timed (sd_kernels._autotune), instead of one after another.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor("flash_attention", name, t)
@@ -339,17 +346,21 @@ def flash_attention(q, k, v, scale=None, out=None, split_head_dim=True):
     def grid(meta):
         return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
-    _attn_fwd_kernel[grid](
+    args = (
         q, k, v, out,
         *strides(q), *strides(k), *strides(v), *strides(out),
         heads, q_len, kv_len,
         float(scale) * _LOG2E,
+    )
+    meta = dict(
         HEAD_DIM=head_dim,
         D_A=d_a,
         D_B=d_b,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ALIGN=align,
     )
+    with _PARALLEL_COMPILE.launching(args, meta, grid, compile_workers):
+        _attn_fwd_kernel[grid](*args, **meta)
     return out
 
 

@@ -115,6 +115,7 @@ def _count_kernel_calls(monkeypatch):
                 calls[name + "+pre_add"] = calls.get(name + "+pre_add", 0) + 1
             if name == "flash_attention":
                 calls["split_head_dim=" + str(kwargs.get("split_head_dim"))] = 1
+                calls["compile_workers=" + str(kwargs.get("compile_workers"))] = 1
             return fn(*args, **kwargs)
 
         return wrapper
@@ -157,7 +158,9 @@ def test_patched_models_run_kernels_under_interpreter(monkeypatch, channels_last
 def test_options_reach_the_modules(monkeypatch):
     """Each A/B switch of FastPathOptions changes what the patched modules do, as an argument."""
     calls = _count_kernel_calls(monkeypatch)
-    options = FastPathOptions(keep_layout=False, fuse_projections=False, split_head_dim=False, kernel_dispatch="always")
+    options = FastPathOptions(
+        keep_layout=False, fuse_projections=False, split_head_dim=False, kernel_dispatch="always", compile_workers=3
+    )
     unet = tiny_unet().to(memory_format=torch.channels_last)
     patch_model(unet, cpu_kernels(options, attention_dtypes=(torch.float32,)))
     fused = {"n": 0}
@@ -174,6 +177,7 @@ def test_options_reach_the_modules(monkeypatch):
     assert "pointwise" not in calls, calls  # keep_layout off: diffusers' copies, no GEMMs on rows
     assert fused["n"] == 0  # fuse_projections off: separate q/k/v GEMMs
     assert calls.get("split_head_dim=False") == 1 and "split_head_dim=True" not in calls, calls
+    assert calls.get("compile_workers=3") == 1 and "compile_workers=0" not in calls, calls
 
     calls.clear()
     never = tiny_unet()

@@ -272,3 +272,22 @@ def test_flash_attention_rejects_cpu_tensors():
     q = torch.zeros(1, 1, 4, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="device"):
         flash_attention(q, q, q)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="Triton autotunes (and compiles) only on CUDA")
+def test_compile_workers_compile_a_new_shapes_configurations_ahead():
+    """compile_workers: a shape never tuned before gets its candidate block sizes compiled
+    ahead (sd_kernels._autotune) through Triton's own autotuner, and the result is unchanged."""
+    import os
+    import sys
+
+    hook = sys.modules["sd_kernels.flash_attention"]._PARALLEL_COMPILE
+    q_len = 1000 + os.getpid() % 997  # a tuning key no earlier process left in Triton's cache
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, q_len, 40, generator=g, device="cuda").half() for _ in range(3))
+    before = hook.compiled
+    out = flash_attention(q, k, v, compile_workers=4)
+    assert hook.compiled - before >= 2, "no configurations were compiled ahead"
+    atol, rtol = TOLERANCES[torch.float16]
+    assert_close(out, flash_attention_reference(q, k, v), atol, rtol, "compiled ahead")
+    assert torch.equal(out, flash_attention(q, k, v))  # the same tuned kernel afterwards

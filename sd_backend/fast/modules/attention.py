@@ -158,7 +158,9 @@ class TritonAttnProcessor:
             out = query.new_empty(batch_size, query.shape[2], heads, head_dim).transpose(1, 2)
         return self.fast.choose(
             ("attention", tuple(query.shape), key.shape[-2], query.dtype),
-            lambda: flash_attention(query, key, value, out=out, split_head_dim=options.split_head_dim),
+            lambda: flash_attention(
+                query, key, value, out=out, split_head_dim=options.split_head_dim, compile_workers=options.compile_workers
+            ),
             lambda: sdpa_cudnn_first(query, key, value),
             query.device,
         )
