@@ -7,14 +7,17 @@ benchmark callback runs only when no timings for the key are on disk) so that, r
 that timing loop, every configuration left after pruning is compiled in a thread pool
 (Triton's `AsyncCompileMode` with `JITFunction.warmup`: the compile runs outside the GIL,
 ptxas in its own process). The autotuner then finds them compiled. A restart, whose timings
-come from disk, compiles nothing ahead. Any failure ahead of time (a configuration that does
-not compile, an older Triton) is left to the timing loop, which handles it as before.
+come from disk, compiles nothing ahead. The hook goes in only when a launch first asks for
+workers, and only where the lookup has the parameters it wraps; any failure ahead of time (a
+configuration that does not compile, another Triton) is left to the timing loop, which
+handles it as before.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 
 import triton
@@ -29,24 +32,38 @@ class ParallelCompile:
         self.autotuner = autotuner
         self.pending = None  # (args, kwargs, grid, workers) of the launch in progress
         self.compiled = 0  # configurations compiled ahead, for tests and logs
-        original = getattr(autotuner, "check_disk_cache", None)
-        if original is None:  # a Triton without the hook: the serial path only
-            return
+        self.hooked = None  # None until first asked for; then whether the hook is in place
 
-        def check_disk_cache(tuning_key, configs, bench_fn, *rest, **kwargs):
-            def compile_then_bench():
-                self.compile_ahead(configs)
-                return bench_fn()
+    def _hook(self) -> bool:
+        """Wrap the autotuner's check_disk_cache(tuning_key, configs, bench_fn), once, where
+        this Triton has it with those parameters (the default path never touches it)."""
+        if self.hooked is None:
+            original = getattr(self.autotuner, "check_disk_cache", None)
+            try:
+                params = list(inspect.signature(original).parameters)[:3] if original else []
+            except (TypeError, ValueError):
+                params = []
+            self.hooked = params == ["tuning_key", "configs", "bench_fn"]
+            if not self.hooked:
+                _log.warning("this Triton's autotuner has no check_disk_cache(tuning_key, configs, bench_fn): "
+                             "configurations are compiled in turn")
+                return False
 
-            return original(tuning_key, configs, compile_then_bench, *rest, **kwargs)
+            def check_disk_cache(tuning_key, configs, bench_fn, *rest, **kwargs):
+                def compile_then_bench():
+                    self.compile_ahead(configs)
+                    return bench_fn()
 
-        autotuner.check_disk_cache = check_disk_cache
+                return original(tuning_key, configs, compile_then_bench, *rest, **kwargs)
+
+            self.autotuner.check_disk_cache = check_disk_cache
+        return self.hooked
 
     @contextlib.contextmanager
     def launching(self, args, kwargs, grid, workers: int):
         """Around one launch of the autotuned kernel: with workers > 1, a key it has to tune
         gets its configurations compiled by that many threads first."""
-        self.pending = (args, kwargs, grid, workers) if workers > 1 else None
+        self.pending = (args, kwargs, grid, workers) if workers > 1 and self._hook() else None
         try:
             yield
         finally:

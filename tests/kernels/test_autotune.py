@@ -102,6 +102,29 @@ def test_a_failure_ahead_is_logged_and_the_timing_loop_still_runs(caplog):
     assert "compiling 3 configurations ahead failed (RuntimeError: does not compile)" in caplog.text
 
 
+def test_an_autotuner_without_the_lookup_keeps_the_serial_path(caplog):
+    class Other(_Autotuner):
+        def check_disk_cache(self, key, bench_fn):  # another signature: left alone
+            bench_fn()
+            self.benched += 1
+
+    tuner = Other(on_disk=False)
+    hook = ParallelCompile(tuner)
+    with caplog.at_level(logging.WARNING, logger="sd_kernels._autotune"):
+        with hook.launching(("x",), {}, grid=(1,), workers=4):
+            tuner.check_disk_cache(("key",), lambda: None)
+    assert hook.hooked is False and tuner.fn.calls == [] and tuner.benched == 1
+    assert "compiled in turn" in caplog.text
+
+
+def test_the_serial_path_leaves_the_autotuner_untouched():
+    tuner = _Autotuner(on_disk=False)
+    hook = ParallelCompile(tuner)
+    with hook.launching(("x",), {}, grid=(1,), workers=0):
+        tuner.run(CONFIGS)
+    assert hook.hooked is None and "check_disk_cache" not in vars(tuner)
+
+
 def test_the_real_autotuner_has_the_hooked_lookup():
     """Triton's Autotuner (this install's) still has check_disk_cache(tuning_key, configs, bench_fn)."""
     import inspect
