@@ -7,7 +7,8 @@ run at: each variant in a fresh process, on the deployment's default request (sd
 A variant is a bench_e2e system name (`triton` with FastPathOptions suffixes, e.g.
 `-unetperstep`, `-search`). The first variant also fills the deployment's caches
 (Triton's kernels, the kernel-dispatch decisions), so list it twice to see a restart's
-figures for it. Per variant: CUDA's start and the load, warm-up and recording seconds, GPU
+figures for it; with --cold every variant starts from empty caches instead (a cold start
+each, e.g. `--cold --variants triton,triton-parcompile,triton,triton-parcompile`). Per variant: CUDA's start and the load, warm-up and recording seconds, GPU
 memory once captured, batch-1 seconds and batch-8 images/s of the UNet stage alone, and how
 far its latents are from those of variant number --reference (what is timed at warm-up,
 Triton's autotuning and cuDNN's search, may choose otherwise in another process: equal only
@@ -56,7 +57,10 @@ def child(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     model_dir = offline_model(args)
     buckets = tuple(int(b) for b in args.buckets.split(","))
-    config = DeploymentConfig(model=str(model_dir), cache_dir=args.cache_dir, opt_level="triton", fast_path=options_for(args.child), batch_buckets=buckets)
+    # the compiler caches and the dispatch decisions under --state-dir (a fresh one per variant
+    # with --cold), the offline model's files under --cache-dir
+    config = DeploymentConfig(model=str(model_dir), cache_dir=args.state_dir or args.cache_dir, opt_level="triton",
+                              fast_path=options_for(args.child), batch_buckets=buckets)
     start = time.perf_counter()
     torch.zeros(1, device="cuda")
     cuda_s = time.perf_counter() - start
@@ -129,7 +133,10 @@ def main() -> None:
     parser.add_argument("--bucket-rates", action="store_true", help="also time each bucket's loop full (images/s per bucket, in the JSON)")
     parser.add_argument("--profile-variant", type=int, default=-1, help="profile only this variant (by position); -1: every one")
     parser.add_argument("--reference", type=int, default=0, help="the variant (by position) whose latents the others are compared with")
+    parser.add_argument("--cold", action="store_true",
+                        help="every variant starts with empty compiler caches and no dispatch decisions (a cold start each)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--latents", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -146,6 +153,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", variant, "--latents", str(latents), "--model", args.model,
                        "--buckets", args.buckets, "--repeats", str(args.repeats), "--cache-dir", args.cache_dir,
                        *(["--bucket-rates"] if args.bucket_rates else []),
+                       *(["--state-dir", str(Path(tmp) / f"cold-{i}")] if args.cold else []),
                        "--profile-buckets", args.profile_buckets if args.profile_variant in (-1, i) else ""]
             start = time.perf_counter()
             with open(Path(args.out) / f"capture-{i}.log", "w") as log:

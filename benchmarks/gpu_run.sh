@@ -30,7 +30,9 @@ while [ $# -gt 0 ]; do
     kernels) python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -70 ;;
     kernel-ops) python3 benchmarks/bench_kernels.py --out "$OUT" --ops "$2" 2>&1 | tee "$OUT/bench_kernels-$2.log" | tail -40; shift ;;
     # the served stubs get numpy 1.26 first (--stub-path), every other process numpy 2
-    served) python3 benchmarks/bench_served.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/bench_served.log" | tail -40; shift ;;
+    # its perf_analyzer and server logs packed into one file (the device tool returns few files)
+    served) python3 benchmarks/bench_served.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/bench_served.log" | tail -40
+      (cd "$OUT" && ls perf_* server-*.log > /dev/null 2>&1 && tar czf "served-logs-$(date +%H%M%S).tgz" perf_* server-*.log && rm -f perf_* server-*.log); shift ;;
     soak) python3 benchmarks/soak.py --stub-path /tmp/np1 --out "$OUT" $2 2>&1 | grep -v '^[IW][0-9]' | tee "$OUT/soak.log" | tail -30; shift ;;
     soak-start)
       rm -rf /tmp/soak && mkdir -p /tmp/soak
