@@ -102,13 +102,14 @@ class FastPathOptions:
     Off: on an H200 its GEMM beats cuBLAS + the gate only at 64² (benchmarks/NOTES.md,
     session 14), and its effect on the final latents is not yet checked there."""
 
-    compile_workers: int = 0
+    compile_workers: int = 8
     """Above 1: an attention shape met for the first time with no autotuning results on disk
     (a cold start) gets its candidate block sizes compiled by this many threads before the
     autotuner times them, instead of one after another inside its timing loop
     (sd_kernels._autotune). The same kernels and the same choice; only the compile order
-    changes. 0 (the default until measured on the GPU, benchmarks/NOTES.md session 14):
-    Triton's serial path."""
+    changes. On an H200 8 threads cut the unet's cold warm-up from 41 to 24 s and a served
+    cold start from 113.4 to 68.7 s, with the same images/s (benchmarks/NOTES.md, sessions
+    14-15). 0 or 1: Triton's serial path."""
 
     image_to_image_strengths: tuple[float, ...] = ()
     """Image-to-image strengths whose loops are captured at load too (the default request's

@@ -81,7 +81,7 @@ def test_config_from_settings_with_environment_override():
     assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_IMAGE_TO_IMAGE_STRENGTHS": "0.3,0.8"}).fast_path.image_to_image_strengths == (0.3, 0.8)
     with pytest.raises(ValueError, match=r"fast_path.image_to_image_strengths: \[1.5\] out of range"):
         FastPathOptions(image_to_image_strengths=(1.5,))
-    assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_COMPILE_WORKERS": "8"}).fast_path.compile_workers == 8
+    assert DeploymentConfig.from_settings({}, {"SD_FAST_PATH_COMPILE_WORKERS": "0"}).fast_path.compile_workers == 0
     with pytest.raises(ValueError, match=r"fast_path.compile_workers: -1; allowed: 0 or more"):
         FastPathOptions(compile_workers=-1)
 
