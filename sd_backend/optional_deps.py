@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import traceback
+import warnings
 from typing import Callable, TypeVar
 
 log = logging.getLogger("sd_backend")
@@ -70,22 +71,40 @@ def import_tolerant(load: Callable[[], T], attempts: int = 5) -> T:
 # installed optional packages that transformers imports, found built for numpy 2 inside the
 # numpy-1 stub on the GPU host (its restart log: each one cost a failed import of transformers)
 PROBED = ("scipy", "sklearn")
+# what a package warns at import when the installed numpy is outside the range it was built
+# for (SciPy: "A NumPy version >=2.0.0 and <2.8.0 is required for this version of SciPy
+# (detected version 1.26.4)"). Its top level then imports, but its compiled submodules fail
+# later inside transformers' import, which is what the probe exists to avoid.
+_NUMPY_UNSUPPORTED = re.compile(r"NumPy version .* is required", re.IGNORECASE)
+
+
+def _numpy_unsupported(caught: list[warnings.WarningMessage]) -> str | None:
+    for warning in caught:
+        if _NUMPY_UNSUPPORTED.search(str(warning.message)):
+            return str(warning.message)
+    return None
 
 
 def hide_broken(packages=PROBED) -> list[str]:
-    """Hide each installed package of `packages` that fails to import on its own; returns
-    those hidden. Alone each fails in a fraction of a second, where finding it through a
-    failed import of transformers costs that import again (2-5 s each on the GPU host)."""
+    """Hide each installed package of `packages` that fails to import on its own, or that
+    warns at import that the installed numpy is not one it supports; returns those hidden.
+    Alone each is found in a fraction of a second, where finding it through a failed import
+    of transformers costs that import again (5-6 s each on the GPU host)."""
     import importlib.util
 
     hidden = []
     for package in packages:
         if package in sys.modules or importlib.util.find_spec(package) is None:
             continue  # imported, hidden already, or not installed
-        try:
-            importlib.import_module(package)
-        except Exception as err:  # ImportError, or the ABI errors of a mismatched extension
-            log.warning("optional package %s fails to import (%s: %s); continuing without it", package, type(err).__name__, err)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                importlib.import_module(package)
+                reason = _numpy_unsupported(caught)
+            except Exception as err:  # ImportError, or the ABI errors of a mismatched extension
+                reason = f"{type(err).__name__}: {err}"
+        if reason is not None:
+            log.warning("optional package %s fails to import (%s); continuing without it", package, reason)
             hide(package)
             hidden.append(package)
     return hidden

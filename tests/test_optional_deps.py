@@ -73,3 +73,31 @@ def test_a_broken_required_package_is_not_hidden(tmp_path):
     result = run("from sd_backend.optional_deps import model_libraries; model_libraries()", site)
     assert result.returncode != 0
     assert "numpy.core.multiarray failed to import" in result.stderr
+
+
+WARNS = (
+    "import warnings\n"
+    'warnings.warn("A NumPy version >=2.0.0 and <2.8.0 is required for this version of SciPy (detected version 1.26.4)", UserWarning)\n'
+)
+
+
+def test_a_package_that_warns_numpy_is_unsupported_is_hidden_before_transformers_imports(tmp_path):
+    # the GPU host's scipy under the numpy-1 stub: its top level imports with this warning and
+    # its compiled submodules fail later, inside transformers' import (5-6 s lost to the retry)
+    site = tmp_path / "site-packages"
+    (site / "scipy").mkdir(parents=True)
+    (site / "scipy" / "__init__.py").write_text(WARNS)
+    (site / "scipy" / "special.py").write_text(BROKEN)
+    (site / "healthy").mkdir()
+    (site / "healthy" / "__init__.py").write_text("VALUE = 1\n")
+    result = run(
+        """
+        from sd_backend.optional_deps import hide_broken
+        print("hidden:", hide_broken(("scipy", "healthy")))
+        from transformers import CLIPTextModel
+        """,
+        site,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hidden: ['scipy']" in result.stdout
+    assert "optional package scipy fails to import (A NumPy version >=2.0.0" in result.stderr
