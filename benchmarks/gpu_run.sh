@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU host, from the repo root (carry .whl): GPU tests, kernel microbenchmarks
 # and the end-to-end benchmark, results under $OUT (or benchmarks/results).
-#   bash benchmarks/gpu_run.sh [tests "PATHS"] [profile] [kernels] [kernel-ops "a,b"] [vae-memory] [e2e "SYSTEMS [ARGS]"] [capture "ARGS"] [served "ARGS"] [soak "ARGS"]
+#   bash benchmarks/gpu_run.sh [warm] [tests "PATHS"] [profile] [kernels] [kernel-ops "a,b"] [vae-memory] [e2e "SYSTEMS [ARGS]"] [capture "ARGS"] [served "ARGS"] [soak "ARGS"]
 #                              [soak-start "ARGS"]
+# warm starts the GPU's driver and reads torch, diffusers and transformers into the page
+# cache, so that the cold starts measured after it are the same machine state.
 # soak-start runs the soak in its own process session (it outlives this command; results
 # under /tmp/soak) and returns once the server answers; collect with benchmarks/soak_wait.sh.
 #   e.g. bash benchmarks/gpu_run.sh tests "tests/kernels tests/gpu" kernels e2e eager,triton,compile
@@ -24,6 +26,7 @@ OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 while [ $# -gt 0 ]; do
   case "$1" in
+    warm) python3 -c "import torch, diffusers, transformers; torch.zeros(1, device='cuda'); print('warm')" ;;
     tests) python3 -m pytest $2 -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25; shift ;;
     profile) python3 benchmarks/profile_unet.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | tail -80 ;;
     vae-memory) python3 benchmarks/vae_memory.py --out "$OUT" 2>&1 | tee "$OUT/vae_memory.log" | tail -40 ;;
