@@ -89,9 +89,9 @@ class Recorder:
                 f"{local.get('median', '')} / {local.get('min', '')} | {local.get('b4_images_per_s', '')} / {local.get('b8_images_per_s', '')} | "
                 f"{mixed.get('images_per_s', '')} |"
             )
-        lines += ["", "Cold start to ready counts from the server's start, once the model's files are on this machine: " + "; ".join(
-            f"{level}'s files took {r['model_files_s']} s before it" for level, r in d["levels"].items() if "model_files_s" in r
-        )] if any("model_files_s" in r for r in d["levels"].values()) else []
+        files = [f"{level}'s files took {r['model_files_s']} s before it" for level, r in d["levels"].items() if "model_files_s" in r]
+        if files:
+            lines += ["", "Cold start to ready counts from the server's start, once the model's files are on this machine: " + "; ".join(files)]
         lines += ["", "| level | input | concurrency | images/s | p50 s | p95 s | p99 s | unet batches (size x runs); mean queue per request |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for level, r in d["levels"].items():
@@ -160,14 +160,10 @@ def start(options: ServerOptions, log: Path) -> tuple[TritonServer, float, float
     took to get onto this machine before it (an offline model written, a hub model fetched;
     none on a restart): a deployment has its weights on disk or in its cache before a pod
     starts, so the time to ready leaves them out, as bench_e2e's start to first image does."""
-    from sd_backend.fetch import local_model
-
-    server = TritonServer(options, log_path=log)
     began = time.perf_counter()
-    local_model(server.deployment(), progress=True)
-    fetched = time.perf_counter()
-    server.start_ready(900)
-    return server, round(time.perf_counter() - fetched, 1), round(fetched - began, 1)
+    server = TritonServer(options, log_path=log).start_ready(900)
+    files_s = server.model_files_s
+    return server, round(time.perf_counter() - began - files_s, 1), round(files_s, 1)
 
 
 # the stages' own start-up lines in the server's log (sd_backend.triton_io and the stages)

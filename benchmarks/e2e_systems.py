@@ -186,7 +186,7 @@ SUFFIXES = {
     "plainvae": ("optimize_vae", False),  # diffusers' VAE as it is (NCHW, torch's ops)
     "gnlooped": ("group_norm_looped", True),  # large GroupNorms as one program per group where the batch fills the GPU
     "geglulinear": ("geglu_linear", True),  # the feed-forward's projection and gate as one GEMM
-    "parcompile": ("compile_workers", 8),  # the default since session 15; kept for the earlier records' commands
+    "parcompile": ("compile_workers", 8),  # the default now; kept for the earlier records' commands
     "serialcompile": ("compile_workers", 0),  # attention's autotuning candidates compiled one by one inside the autotuner
 }
 

@@ -197,6 +197,7 @@ class TritonServer:
         self.control = ModelControl(self.http_url, options.admin_key)
         self.health: HealthServer | None = None
         self.model_dir: Path | None = None  # the local copy of the deployment's model, once started
+        self.model_files_s = 0.0  # how long start() took to get that copy (written, fetched or found)
         self._replacing: set[str] = set()  # models whose dead stub is being replaced
         self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-"))
         self._stopping = threading.Event()
@@ -230,7 +231,9 @@ class TritonServer:
 
         deployment = self.deployment()
         check_repository(self.options.model_repository, deployment)
+        began = time.perf_counter()
         self.model_dir = local_model(deployment, progress=True)
+        self.model_files_s = time.perf_counter() - began
         binary, tree = find_tritonserver()
         backend_dir = prepare_backend_dir(tree, self._workdir / "backends") if tree is not None else None
         command = server_command(self.options, binary, backend_dir, self.shm_prefix)
